@@ -1,0 +1,1 @@
+"""First-run demo: plays the kubelet's part against both real daemons."""

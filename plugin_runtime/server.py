@@ -1,0 +1,147 @@
+"""Serving gRPC on a unix socket, and stopping cleanly.
+
+``UnixSocketServer`` owns one socket file for its lifetime: it removes a stale
+socket left by a dead process (only if the path is a socket), binds, restricts
+the file to mode 0600 (the kubelet and the sidecars run as root), serves the
+standard gRPC health service next to the daemon's own services, and on stop
+removes the file only if it is still the one it created (same inode), so a
+newer instance's socket is never deleted by an older one.
+
+``ShutdownSignals`` turns SIGTERM/SIGINT into an Event the CLIs wait on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def parse_unix_endpoint(endpoint: str) -> str:
+    """Turn ``unix:///abs/path`` or ``/abs/path`` into a path; ValueError names the problem."""
+    path = endpoint
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+    elif "://" in endpoint:
+        raise ValueError(f"endpoint {endpoint!r}: only unix:// endpoints are supported")
+    if not path.startswith("/"):
+        raise ValueError(f"endpoint {endpoint!r}: the socket path must be absolute")
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"endpoint {endpoint!r}: socket path is {len(path.encode())} bytes, "
+            f"the kernel allows {MAX_SOCKET_PATH}"
+        )
+    return path
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove ``path`` if it is a socket; refuse to delete anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    os.unlink(path)
+    log.info("removed stale socket %s", path)
+
+
+class UnixSocketServer:
+    """A started-on-demand grpc.server bound to one unix socket."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        register: Callable[[grpc.Server], None],
+        *,
+        max_workers: int = 8,
+        health_services: Iterable[str] = (),
+        options: Iterable[tuple[str, object]] = (),
+    ) -> None:
+        self.socket_path = parse_unix_endpoint(socket_path)
+        self._register = register
+        self._max_workers = max_workers
+        self._health_services = tuple(health_services)
+        self._options = tuple(options)
+        self._server: grpc.Server | None = None
+        self._inode: int | None = None
+        self.health = health.HealthServicer()
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        directory = os.path.dirname(self.socket_path)
+        os.makedirs(directory, exist_ok=True)
+        remove_stale_socket(self.socket_path)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=self._max_workers, thread_name_prefix="grpc-worker"
+            ),
+            options=list(self._options),
+        )
+        self._register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Bind with a restrictive umask so the socket is never briefly world-writable.
+        old_umask = os.umask(0o177)
+        try:
+            server.add_insecure_port(f"unix://{self.socket_path}")
+            server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        self._inode = os.stat(self.socket_path).st_ino
+        self._server = server
+        for name in ("", *self._health_services):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on unix://%s", self.socket_path)
+
+    def socket_is_ours(self) -> bool:
+        """True while the socket file on disk is the one this server bound."""
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving (in-flight calls get ``grace`` seconds) and remove our socket."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.health.enter_graceful_shutdown()
+        server.stop(grace).wait(grace + 1.0)
+        if self.socket_is_ours():
+            os.unlink(self.socket_path)
+        self._inode = None
+        log.info("stopped serving on unix://%s", self.socket_path)
+
+
+class ShutdownSignals:
+    """SIGTERM and SIGINT set ``event``; install from the main thread only."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+        self.event.set()
