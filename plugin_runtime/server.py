@@ -12,6 +12,7 @@ newer instance's socket is never deleted by an older one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -96,14 +97,21 @@ class UnixSocketServer:
         )
         self._register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        # Bind with a restrictive umask so the socket is never briefly world-writable.
+        # Bind under a private name, then rename into place: gRPC unlinks the path it
+        # bound when it shuts down, and this way that path is never the public one, so
+        # an old server stopping late cannot delete a newer instance's socket.  The
+        # restrictive umask keeps the socket from ever being world-accessible.
+        tag = hashlib.sha1(self.socket_path.encode()).hexdigest()[:10]  # noqa: S324 - a name, not a MAC
+        private = os.path.join(directory, f".{tag}.{os.getpid()}")
+        remove_stale_socket(private)
         old_umask = os.umask(0o177)
         try:
-            server.add_insecure_port(f"unix://{self.socket_path}")
+            server.add_insecure_port(f"unix://{private}")
             server.start()
         finally:
             os.umask(old_umask)
-        os.chmod(self.socket_path, 0o600)
+        os.chmod(private, 0o600)
+        os.rename(private, self.socket_path)
         self._inode = os.stat(self.socket_path).st_ino
         self._server = server
         for name in ("", *self._health_services):
