@@ -66,7 +66,7 @@ class DirectoryWatch:
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self._fd = fd
+        self._fd: int = int(fd)
         wd = _libc.inotify_add_watch(fd, os.fsencode(directory), mask | IN_ONLYDIR)
         if wd < 0:
             err = ctypes.get_errno()
