@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from device_plugin.sysfs import attribute_name_problem
 from plugin_runtime.errors import InvalidArgument
 
 DEFAULT_CONFIG_RESOURCE = "default-config.yaml"
@@ -554,13 +555,21 @@ def _template(value: str, path: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _attribute_names(pairs: Pairs, path: str) -> Pairs:
+    for name, _value in pairs:
+        problem = attribute_name_problem(name)
+        if problem:
+            raise ConfigError(f"{_join(path, name)}: attribute name {problem}")
+    return pairs
+
+
 def _parent(raw: object, path: str) -> ParentMatch:
     r = _Reader(raw, path, "parent")
     parent = ParentMatch(
         subsystem=r.string("subsystem"),
         devtype=r.string("devtype"),
         kernel=r.string("kernel"),
-        attributes=r.string_map("attributes"),
+        attributes=_attribute_names(r.string_map("attributes"), r.at("attributes")),
         properties=r.string_map("properties"),
     )
     if parent == ParentMatch():
@@ -584,7 +593,7 @@ def _matcher(raw: object, path: str) -> Matcher:
         kernel=r.string("kernel"),
         devnode=devnode,
         properties=r.string_map("properties"),
-        attributes=r.string_map("attributes"),
+        attributes=_attribute_names(r.string_map("attributes"), r.at("attributes")),
         parent=_parent(r.raw["parent"], r.at("parent")) if r.has("parent") else None,
     )
     if matcher == Matcher():
@@ -609,8 +618,9 @@ def _health(raw: object, path: str) -> HealthProbe:
     attribute = r.string("attribute")
     if attribute is None:
         raise ConfigError(f"{r.at('attribute')}: is required with probe: attribute")
-    if "/" in attribute or attribute.startswith("."):
-        raise ConfigError(f"{r.at('attribute')}: must be an attribute name, got {attribute!r}")
+    problem = attribute_name_problem(attribute)
+    if problem:
+        raise ConfigError(f"{r.at('attribute')}: {attribute!r} {problem}")
     values = tuple(_string(v, p, allow_empty=True) for p, v in r.items("healthy_values"))
     if not values:
         raise ConfigError(f"{r.at('healthy_values')}: give at least one accepted value")

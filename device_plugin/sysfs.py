@@ -20,9 +20,20 @@ def decode_capped(raw: bytes, limit: int = MAX_ATTRIBUTE_BYTES) -> str:
     return raw[:limit].decode("utf-8", "replace").rstrip()
 
 
+def attribute_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a relative attribute path (``ro``, ``loop/backing_file``)."""
+    if not name:
+        return "must not be empty"
+    if name.startswith("/"):
+        return "must be relative to the device's sysfs directory"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "must not contain empty, '.' or '..' components"
+    return None
+
+
 def read_attribute(sys_path: str, name: str) -> str | None:
     """The value of attribute ``name`` of the device at ``sys_path``, or None."""
-    if not name or "/" in name or name.startswith("."):
+    if attribute_name_problem(name):
         return None
     try:
         fd = os.open(os.path.join(sys_path, name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
