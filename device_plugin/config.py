@@ -86,7 +86,7 @@ SECTIONS: dict[str, Section] = {
             Option("domain", "string (DNS subdomain)", "hostkit.io",
                    "Prefix of resource names given without a `/`: `fuse` becomes "
                    "`hostkit.io/fuse`."),
-            Option("resync_seconds", "number > 0", 300,
+            Option("resync_seconds", "number >= 1", 300,
                    "Safety-net full re-enumeration period.  Discovery is driven by uevents; "
                    "this only repairs a missed event."),
             Option("cdi", "mapping (see `cdi`)", {},
