@@ -114,20 +114,26 @@ def device_info(device: Any, needs: AttributeNeeds) -> DeviceInfo | None:
             properties=_properties(parent),
         ))
         parent = parent.parent
+    properties = _properties(device)
     try:
-        links = tuple(sorted(str(link) for link in device.device_links))
+        links = [str(link) for link in device.device_links]
     except (UnicodeDecodeError, OSError, ValueError):
-        links = ()
+        links = []
+    if not links:
+        links = properties.get("DEVLINKS", "").split()
+    # Only links that exist: a missing host path would fail the container's creation.
+    links = sorted(link for link in set(links)
+                   if link.startswith("/dev/") and os.path.lexists(link))
     return DeviceInfo(
         sys_path=sys_path,
         subsystem=_text(device.subsystem),
         devtype=_text(device.device_type),
         kernel=str(device.sys_name),
         devnode=devnode,
-        properties=_properties(device),
+        properties=properties,
         attributes=_attributes(sys_path, needs.device),
         ancestors=tuple(ancestors),
-        devlinks=links,
+        devlinks=tuple(links),
         numa_node=sysfs.numa_node([sys_path, *(a.sys_path for a in ancestors)]),
     )
 
