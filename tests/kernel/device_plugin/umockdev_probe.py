@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from device_plugin.plugin import DevicePluginDomain, discover
 
@@ -17,19 +18,22 @@ def main(config_path: str) -> None:
     domain = DevicePluginDomain(config_path, watch_config=False)
     domain.start(ready_timeout=20)
     try:
-        out = {"source": domain.discovery.source, "resources": {}}
+        resources: dict[str, list[dict[str, Any]]] = {}
+        out: dict[str, Any] = {"source": domain.discovery.source, "resources": resources}
         for name, resource in domain.catalog.resources().items():
             units = []
             for unit in resource.snapshot().units:
-                entry = {"id": unit.id, "healthy": unit.healthy, "reason": unit.reason,
-                         "nodes": list(unit.nodes), "numa": list(unit.numa_nodes)}
+                entry: dict[str, Any] = {
+                    "id": unit.id, "healthy": unit.healthy, "reason": unit.reason,
+                    "nodes": list(unit.nodes), "numa": list(unit.numa_nodes),
+                }
                 if unit.healthy:
                     answer = resource.allocate([unit.id])
                     entry["grants"] = [[g.container_path, g.host_path, g.permissions]
                                        for g in answer.devices]
                     entry["envs"] = dict(answer.envs)
                 units.append(entry)
-            out["resources"][name] = units
+            resources[name] = units
         out["discover"] = [row.as_dict() for row in discover(config_path)]
     finally:
         domain.stop()
