@@ -42,6 +42,10 @@ from plugin_runtime.errors import DomainError
 
 log = logging.getLogger(__name__)
 
+# A ``stop`` event set without calling ``wake()`` is noticed within this many
+# seconds; callers that set ``stop`` should call ``wake()`` to release at once.
+_SLICE = 0.1
+
 
 def options_for(config: ResourceConfig) -> ResourceOptions:
     return ResourceOptions(
@@ -92,8 +96,7 @@ class ResourceState:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                # Bounded slices so a ``stop`` set without ``wake()`` is still noticed.
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+                self._cond.wait(_SLICE if remaining is None else min(remaining, _SLICE))
             return self._snapshot
 
     def wake(self) -> None:
@@ -269,7 +272,7 @@ class Catalog:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+                self._cond.wait(_SLICE if remaining is None else min(remaining, _SLICE))
             return self._generation
 
     def wake(self) -> None:
