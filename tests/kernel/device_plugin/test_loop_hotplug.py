@@ -180,3 +180,61 @@ def test_discover_lists_our_device_without_threads(private_dir, loops):
     assert [(r.resource, r.nodes, r.health) for r in rows] == [
         ("hostkit.io/test-loop", (dev,), "Healthy")]
     assert rows[0].as_dict()["nodes"] == [dev]
+
+
+def test_reload_adds_a_resource_that_discovery_fills(private_dir, loops):
+    config_file = private_dir / "plugin.yaml"
+    config_file.write_text("""
+resync_seconds: 3600
+resources:
+  - name: test-other
+    match: [{subsystem: misc, kernel: "dpd-no-such-device"}]
+""")
+    domain = DevicePluginDomain(config_file)
+    domain.start(ready_timeout=WAIT)
+    try:
+        dev = loops.attach(sparse_file(private_dir))
+        seen = domain.catalog.generation
+        # The new config needs the block subsystem: discovery must re-open its monitor.
+        config_file.write_text(f"""
+resync_seconds: 3600
+resources:
+  - name: test-loop
+    match:
+      - subsystem: block
+        attributes: {{loop/backing_file: "{private_dir}/*"}}
+""")
+        generation = domain.catalog.wait_for_catalog_change(seen, threading.Event(), WAIT)
+        assert generation != seen
+        assert set(domain.catalog.resources()) == {"hostkit.io/test-loop"}
+        resource = domain.catalog.resources()["hostkit.io/test-loop"]
+        snap = wait_until(resource, lambda s: len(s.units) == 1, "the loop device")
+        assert snap.units[0].nodes == (dev,)
+        # and uevents of the newly watched subsystem now arrive
+        loops.detach(dev)
+        wait_until(resource, lambda s: s.units == (), f"{dev} to leave after reload")
+    finally:
+        domain.stop()
+
+
+def test_safety_net_resync_republishes():
+    from device_plugin.discovery import UdevDiscovery
+
+    calls: list[float | None] = []
+    got_two = threading.Event()
+
+    def sink(devices, event):
+        calls.append(event)
+        if len(calls) >= 2:
+            got_two.set()
+
+    config = parse_yaml("resync_seconds: 1\nresources:\n"
+                        "  - {name: f, match: [{subsystem: misc, kernel: fuse}]}\n")
+    discovery = UdevDiscovery(config, sink)
+    discovery.start()
+    try:
+        assert got_two.wait(WAIT), "no resync within the bound"
+        assert calls[:2] == [None, None]  # enumeration, then resync: not uevent-driven
+    finally:
+        discovery.stop()
+    assert discovery.error is None
