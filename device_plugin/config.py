@@ -665,14 +665,17 @@ def _resource(raw: object, path: str, domain: str, cdi_default: bool) -> Resourc
     if r.has("pre_start"):
         ps = _Reader(r.raw["pre_start"], r.at("pre_start"), "pre_start")
         pre_start = PreStart(open=ps.boolean("open"))
+    container = _template(r.string("container_path"), r.at("container_path"), PATH_PLACEHOLDERS)
+    if not container.startswith(("/", "{path}")):
+        raise ConfigError(f"{r.at('container_path')}: must be an absolute path template, "
+                          f"got {container!r}")
     cdi = r.boolean("cdi")
     return ResourceConfig(
         name=full,
         match=matches,
         group_by=group_by,
         symlinks=r.boolean("symlinks"),
-        container_path=_template(r.string("container_path"), r.at("container_path"),
-                                 PATH_PLACEHOLDERS),
+        container_path=container,
         permissions=permissions,
         mounts=tuple(mounts),
         env=env,

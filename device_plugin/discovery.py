@@ -55,6 +55,7 @@ Sink = Callable[[tuple[DeviceInfo, ...], float | None], None]
 MAX_PROPERTY_CHARS = 4096
 # Whole device subtrees are never this deep; bounds a corrupt parent chain.
 MAX_ANCESTORS = 32
+RESTART_DELAY = 1.0
 
 
 def default_source() -> str:
@@ -237,13 +238,20 @@ class UdevDiscovery:
             pass
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:
-            self.error = exc
-            log.exception("udev discovery stopped by an unexpected error")
-            self.ready.set()
-            raise
+        while not self._stop.is_set():
+            try:
+                self._loop()
+            except Exception as exc:
+                if not self.ready.is_set():
+                    # Cannot even start (no netlink socket, no sysfs): report to start().
+                    self.error = exc
+                    log.exception("udev discovery cannot start")
+                    self.ready.set()
+                    return
+                # Later failures re-open the monitor and re-enumerate from scratch.
+                log.exception("udev discovery failed; restarting it in %.0fs", RESTART_DELAY)
+                self._stop.wait(RESTART_DELAY)
+                self._reconfigured.set()
 
     def _open(self, context: Any, config: Config) -> tuple[Any, frozenset[str] | None]:
         subsystems = config.subsystems()

@@ -19,10 +19,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from device_plugin.config import parse_yaml
+from device_plugin.discovery import UdevDiscovery
 from device_plugin.model import ResourceSnapshot
 from device_plugin.plugin import DevicePluginDomain, discover
 from device_plugin.registry import ResourceState
 from plugin_runtime import commands
+from plugin_runtime.errors import Unavailable
 
 WAIT = 15.0
 
@@ -218,8 +220,6 @@ resources:
 
 
 def test_safety_net_resync_republishes():
-    from device_plugin.discovery import UdevDiscovery
-
     calls: list[float | None] = []
     got_two = threading.Event()
 
@@ -238,3 +238,32 @@ def test_safety_net_resync_republishes():
     finally:
         discovery.stop()
     assert discovery.error is None
+
+
+def test_discovery_survives_a_failure_after_start(caplog):
+    calls: list[float | None] = []
+    recovered = threading.Event()
+
+    def sink(devices, event):
+        calls.append(event)
+        if len(calls) == 2:
+            raise RuntimeError("sink blew up")
+        if len(calls) >= 3:
+            recovered.set()
+
+    config = parse_yaml("resync_seconds: 1\nresources:\n"
+                        "  - {name: f, match: [{subsystem: misc, kernel: fuse}]}\n")
+    discovery = UdevDiscovery(config, sink)
+    discovery.start()
+    try:
+        assert recovered.wait(WAIT), "discovery did not restart after a failure"
+    finally:
+        discovery.stop()
+    assert "restarting it" in caplog.text
+
+
+def test_domain_start_reports_a_discovery_that_cannot_start():
+    config = parse_yaml("resources:\n  - {name: f, match: [{subsystem: misc}]}\n")
+    domain = DevicePluginDomain(config=config, source="no-such-source")
+    with pytest.raises(Unavailable, match="first enumeration"):
+        domain.start(ready_timeout=WAIT)

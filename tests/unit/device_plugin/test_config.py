@@ -156,6 +156,8 @@ BAD = [
      "resources[0].group_by.subsystem: is required"),
     ("resources:\n  - {name: x, match: [{subsystem: misc}], pre_start: {close: true}}\n",
      "resources[0].pre_start.close: unknown key"),
+    ("resources:\n  - {name: x, match: [{subsystem: misc}], container_path: 'dev/{name}'}\n",
+     "resources[0].container_path: must be an absolute path template"),
     ("cdi: {dir: relative}\n", "cdi.dir: must be an absolute path"),
     ("resync_seconds: 0\n", "resync_seconds: must be at least 1"),
 ]

@@ -138,3 +138,12 @@ def test_health_monitor_schedules_by_interval():
     assert calls == []
     assert monitor.run_once(now=105.0) == 5.0
     assert len(calls) == 1
+
+
+def test_a_slow_probe_never_brings_back_stale_units():
+    state = ResourceState(parse_yaml(BASE).resources[0])
+    state.update_devices([misc("fuse")])
+    slow_probe = state._begin(None)  # a health probe starts on the old inventory...
+    assert state.update_devices([])  # ...discovery publishes that the device left...
+    assert not state._rebuild(slow_probe, None)  # ...and the probe's result is dropped
+    assert state.snapshot().units == ()
