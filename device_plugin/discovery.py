@@ -295,6 +295,8 @@ class UdevDiscovery:
             if monitor.fileno() in readable:
                 first_event = time.monotonic()
                 touched = self._drain(monitor, first_event)
+                if touched is not None and not touched:
+                    continue  # woken by an event of another subsystem, filtered out
                 if touched is None or subsystems is None:
                     inventory = enumerate_devices(context, subsystems, needs)
                 else:
@@ -318,12 +320,15 @@ class UdevDiscovery:
             try:
                 device = monitor.poll(timeout=timeout)
             except (OSError, UnicodeDecodeError, ValueError) as exc:
-                log.debug("unreadable uevent: %s", exc)
+                # e.g. ENOBUFS: the socket overflowed and events were lost; rescan all.
+                log.warning("uevent receive failed (%s); rescanning", exc)
                 unknown = True
                 device = None
             if device is None:
                 remaining = deadline - time.monotonic()
-                if timeout > 0 or remaining <= 0:
+                if timeout > 0 or remaining <= 0 or not (touched or unknown):
+                    # Quiet after a burst, out of time, or only events the monitor's
+                    # filter dropped (other subsystems): nothing more to wait for.
                     break
                 # Quiet right now: wait one coalescing window for the rest of a burst.
                 timeout = min(self._coalesce, remaining)
