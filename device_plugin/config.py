@@ -214,7 +214,9 @@ SECTIONS: dict[str, Section] = {
         (
             Option("probe", "`attribute` or `open`", REQUIRED,
                    "`attribute`: a sysfs attribute of the device must have one of "
-                   "`healthy_values`; `open`: the device node must open (non-blocking)."),
+                   "`healthy_values`; `open`: the device node must open (non-blocking).  "
+                   "Opening a serial port raises DTR/RTS and resets many boards: prefer "
+                   "`attribute` there."),
             Option("attribute", "string", None, "Attribute name (probe `attribute` only)."),
             Option("healthy_values", "list of globs", [],
                    "Accepted attribute values (probe `attribute` only)."),

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # A ``stop`` event set without calling ``wake()`` is noticed within this many
 # seconds; callers that set ``stop`` should call ``wake()`` to release at once.
-_SLICE = 0.1
+_SLICE = 0.5
 
 
 def options_for(config: ResourceConfig) -> ResourceOptions:

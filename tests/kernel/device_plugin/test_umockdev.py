@@ -46,7 +46,7 @@ def test_usb_serial_tty_selected_by_parent_attributes():
     out = run_probe(FIXTURES / "ftdi-serial.umockdev", EXAMPLES / "usb-serial.yaml")
     (unit,) = out["resources"]["hostkit.io/ftdi-serial"]
     assert unit["nodes"] == ["/dev/ttyUSB0"]  # not the Prolific ttyUSB1, not ttyS0
-    assert unit["healthy"]  # the open probe opened the node
+    assert unit["healthy"]
     assert unit["numa"] == [0]  # from the PCI host controller
     assert unit["id"].startswith("ttyUSB-") and len(unit["id"]) <= 63
     assert unit["grants"] == [["/dev/ttyUSB0", "/dev/ttyUSB0", "rw"]]
