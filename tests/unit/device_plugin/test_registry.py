@@ -147,3 +147,23 @@ def test_a_slow_probe_never_brings_back_stale_units():
     assert state.update_devices([])  # ...discovery publishes that the device left...
     assert not state._rebuild(slow_probe, None)  # ...and the probe's result is dropped
     assert state.snapshot().units == ()
+
+
+def test_open_probe_marks_a_node_that_no_longer_opens(tmp_path):
+    node = tmp_path / "node"
+    node.write_text("")
+    config = parse_yaml("""
+resources:
+  - name: thing
+    match: [{subsystem: misc}]
+    health: {probe: open}
+""")
+    state = ResourceState(config.resources[0])
+    state.update_devices([DeviceInfo("/sys/x", "misc", None, "thing", str(node))])
+    assert state.snapshot().units[0].healthy
+    node.unlink()
+    assert state.reprobe()
+    unit = state.snapshot().units[0]
+    assert not unit.healthy and unit.reason.startswith(f"{node} does not open")
+    node.write_text("")
+    assert state.reprobe() and state.snapshot().units[0].healthy
