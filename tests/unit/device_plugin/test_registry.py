@@ -167,3 +167,14 @@ resources:
     assert not unit.healthy and unit.reason.startswith(f"{node} does not open")
     node.write_text("")
     assert state.reprobe() and state.snapshot().units[0].healthy
+
+
+def test_registry_implements_the_model_protocols() -> None:
+    from device_plugin.model import Resource, ResourceCatalog
+
+    # mypy checks these assignments structurally against the seam's Protocols.
+    catalog: ResourceCatalog = Catalog(parse_yaml(BASE))
+    resource: Resource = catalog.resources()["hostkit.io/fuse"]
+    assert resource.name == "hostkit.io/fuse"
+    assert resource.options.get_preferred_allocation_available
+    assert not resource.options.pre_start_required
