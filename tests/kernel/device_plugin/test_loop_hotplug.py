@@ -267,3 +267,31 @@ def test_domain_start_reports_a_discovery_that_cannot_start():
     domain = DevicePluginDomain(config=config, source="no-such-source")
     with pytest.raises(Unavailable, match="first enumeration"):
         domain.start(ready_timeout=WAIT)
+
+
+def test_synthetic_remove_and_add_uevents_do_not_fool_level_triggered_discovery(
+    private_dir, loops
+):
+    dev = loops.attach(sparse_file(private_dir))
+    uevent = Path(f"/sys/class/block/{os.path.basename(dev)}/uevent")
+    domain = DevicePluginDomain(config=config_for(private_dir))
+    domain.start(ready_timeout=WAIT)
+    try:
+        resource = domain.catalog.resources()["hostkit.io/test-loop"]
+        snap = wait_until(resource, lambda s: len(s.units) == 1, "our device")
+        first_id = snap.units[0].id
+        # The kernel sends a `remove` uevent although the device stays: discovery
+        # re-enumerates and keeps it (an edge-triggered plugin would drop it).
+        uevent.write_text("remove")
+        uevent.write_text("add")
+        assert resource.wait_for_change(snap.generation, threading.Event(), 0.5) == snap
+    finally:
+        domain.stop()
+    # A plugin restart finds the same device under the same ID.
+    again = DevicePluginDomain(config=config_for(private_dir))
+    again.start(ready_timeout=WAIT)
+    try:
+        resource = again.catalog.resources()["hostkit.io/test-loop"]
+        assert [u.id for u in resource.snapshot().units] == [first_id]
+    finally:
+        again.stop()
