@@ -148,7 +148,7 @@ SECTIONS: dict[str, Section] = {
                    "Per-resource override of `cdi.enabled` (unset: follow it)."),
             Option("pre_start", "mapping (see `pre_start`)", None,
                    "Checks run before each container start; PreStartContainer is "
-                   "advertised only when set."),
+                   "advertised only when one is enabled."),
         ),
     ),
     "matcher": Section(
@@ -208,16 +208,18 @@ SECTIONS: dict[str, Section] = {
     "health": Section(
         "health",
         "resources[i].health",
-        "A probe per unit (its first node), run every `interval_seconds` and right "
-        "after each discovery change.  A failing probe marks the unit Unhealthy; it turns "
-        "Healthy again when the probe passes.",
+        "A probe per unit, run every `interval_seconds` and right after each discovery "
+        "change.  A failing probe marks the unit (all its share copies) Unhealthy, with the "
+        "reason in logs and `discover`; it turns Healthy again when the probe passes.",
         (
             Option("probe", "`attribute` or `open`", REQUIRED,
                    "`attribute`: a sysfs attribute of the device must have one of "
                    "`healthy_values`; `open`: the device node must open (non-blocking).  "
                    "Opening a serial port raises DTR/RTS and resets many boards: prefer "
                    "`attribute` there."),
-            Option("attribute", "string", None, "Attribute name (probe `attribute` only)."),
+            Option("attribute", "relative sysfs path", None,
+                   "Attribute of the unit's first device (probe `attribute` only); "
+                   "`device/enabled` reads the parent's through the `device` link."),
             Option("healthy_values", "list of globs", [],
                    "Accepted attribute values (probe `attribute` only)."),
             Option("interval_seconds", "number >= 0.1", 10, "Probe period."),
@@ -229,7 +231,8 @@ SECTIONS: dict[str, Section] = {
         "Checks before each container start (PreStartContainer).",
         (
             Option("open", "boolean", False,
-                   "Every node of the allocated units must open (non-blocking)."),
+                   "Every node of the allocated units must open (non-blocking).  "
+                   "PreStartContainer is advertised only when this is true."),
         ),
     ),
 }
@@ -795,6 +798,11 @@ def reference_markdown() -> str:
         "and `idProduct` attributes; else `ID_PATH`; else the sysfs path.  They look like",
         "`ttyUSB-<hash12>`, are at most 63 characters, and stay the same across plugin",
         "restarts and re-plugging.  With `share` above 1 the IDs are `<id>-<i>`.",
+        "",
+        "Discovery listens to uevents: from udevd when `/run/udev` exists (mount it from",
+        "the host), else raw kernel uevents.  Without udevd, udev-only properties",
+        "(`ID_SERIAL`, `ID_PATH`, `DEVLINKS`, `ID_VENDOR_ID`...) are absent: match on",
+        "sysfs `attributes` (e.g. the USB parent's `idVendor`) to work in both modes.",
         "",
         "Health: a device that vanishes leaves the snapshot (the kubelet lowers",
         "capacity); re-plugged, it returns with the same ID.  The optional probe marks a",
