@@ -93,10 +93,16 @@ def _text(value: object) -> str | None:
 
 
 def device_info(device: Any, needs: AttributeNeeds) -> DeviceInfo | None:
-    """A ``DeviceInfo`` for a pyudev device with a node that exists, else None."""
+    """A ``DeviceInfo`` for a pyudev device with a node that exists and that some
+    matcher may select (``needs.may_select``), else None."""
     devnode = _text(device.device_node)
     if devnode is None:
         return None
+    subsystem = _text(device.subsystem)
+    devtype = _text(device.device_type)
+    kernel = str(device.sys_name)
+    if not needs.may_select(subsystem, devtype, kernel, devnode):
+        return None  # no matcher can select it: skip reading attributes and parents
     try:
         os.stat(devnode)
     except OSError:
@@ -127,9 +133,9 @@ def device_info(device: Any, needs: AttributeNeeds) -> DeviceInfo | None:
                    if link.startswith("/dev/") and os.path.lexists(link))
     return DeviceInfo(
         sys_path=sys_path,
-        subsystem=_text(device.subsystem),
-        devtype=_text(device.device_type),
-        kernel=str(device.sys_name),
+        subsystem=subsystem,
+        devtype=devtype,
+        kernel=kernel,
         devnode=devnode,
         properties=properties,
         attributes=_attributes(sys_path, needs.device),
@@ -183,7 +189,7 @@ class UdevDiscovery:
         sink: Sink,
         *,
         source: str | None = None,
-        coalesce_seconds: float = 0.005,
+        coalesce_seconds: float = 0.002,
         max_coalesce_seconds: float = 0.05,
     ) -> None:
         self._config = config

@@ -111,3 +111,19 @@ def test_values_are_compared_as_captured(value):
     dev = DeviceInfo("/sys/x", "tty", None, "ttyS0", "/dev/ttyS0", attributes={"a": value})
     assert not matches(matcher("{attributes: {a: '0403'}}"), dev)
     assert matches(matcher("{attributes: {a: '0403*'}}"), dev)
+
+
+def test_prefilter_only_uses_cheap_keys():
+    config = parse_yaml("""
+resources:
+  - name: x
+    match:
+      - {subsystem: tty, kernel: "ttyUSB*", parent: {attributes: {idVendor: "0403"}}}
+      - {subsystem: block, devnode: "/dev/loop*"}
+""")
+    needs = attribute_needs(config)
+    assert needs.may_select("tty", None, "ttyUSB3", "/dev/ttyUSB3")  # parent checked later
+    assert not needs.may_select("tty", None, "tty12", "/dev/tty12")
+    assert needs.may_select("block", "disk", "loop0", "/dev/loop0")
+    assert not needs.may_select("block", "disk", "vda", "/dev/vda")
+    assert not needs.may_select("misc", None, "fuse", "/dev/fuse")
