@@ -66,6 +66,7 @@ class ResourceState:
         self._health: dict[str, Health] = {}
         self._by_id: dict[str, Unit] = {}
         self._snapshot = ResourceSnapshot(config.name, 0, ())
+        self._index: Mapping[str, DeviceUnit] = {}
         self.last_event_monotonic: float | None = None
         self._ticket = 0
         self._published_ticket = 0
@@ -110,10 +111,10 @@ class ResourceState:
 
     def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
         with self._cond:
-            config, snapshot, by_id = self._config, self._snapshot, self._by_id
+            config, index, by_id = self._config, self._index, self._by_id
         vendor = self._cdi.vendor if (self._cdi is not None and config.cdi) else None
         try:
-            answer = allocation.allocate(config, snapshot, by_id, ids, vendor)
+            answer = allocation.allocate(config, index, by_id, ids, vendor)
         except DomainError as exc:
             metrics.ALLOCATIONS.labels(resource=config.name, result=exc.code).inc()
             raise
@@ -124,13 +125,13 @@ class ResourceState:
         self, available: Sequence[str], must_include: Sequence[str], size: int
     ) -> list[str]:
         return allocation.preferred_allocation(
-            self.name, self._snapshot, available, must_include, size
+            self.name, self._index, available, must_include, size
         )
 
     def pre_start(self, ids: Sequence[str]) -> None:
         with self._cond:
-            config, snapshot, by_id = self._config, self._snapshot, self._by_id
-        allocation.pre_start(config, snapshot, by_id, ids)
+            config, index, by_id = self._config, self._index, self._by_id
+        allocation.pre_start(config, index, by_id, ids)
 
     # ---- domain side ----------------------------------------------------- #
 
@@ -203,6 +204,7 @@ class ResourceState:
             if changed_snapshot:
                 self._snapshot = ResourceSnapshot(config.name, self._snapshot.generation + 1,
                                                   new_units)
+                self._index = self._snapshot.by_id()
                 self.last_event_monotonic = event_monotonic
                 self._cond.notify_all()
             snapshot = self._snapshot

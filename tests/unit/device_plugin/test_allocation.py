@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import pytest
 
@@ -139,7 +140,9 @@ def test_cdi_allocation_names_devices_and_keeps_envs(tmp_path):
 # ---- GetPreferredAllocation ------------------------------------------------ #
 
 
-def snapshot(spec: dict[str, tuple[int, ...]], unhealthy: tuple[str, ...] = ()) -> ResourceSnapshot:
+def snapshot(
+    spec: Mapping[str, tuple[int, ...]], unhealthy: tuple[str, ...] = ()
+) -> ResourceSnapshot:
     return ResourceSnapshot("hostkit.io/x", 1, tuple(
         DeviceUnit(i, i not in unhealthy, numa) for i, numa in spec.items()))
 
@@ -151,6 +154,7 @@ class Snap:
         self.state = ResourceState(parse_yaml(
             "resources:\n  - {name: x, match: [{subsystem: misc}]}\n").resources[0])
         self.state._snapshot = snap
+        self.state._index = snap.by_id()
 
     def __call__(self, available, must, size):
         return self.state.preferred_allocation(available, must, size)
@@ -219,3 +223,21 @@ resources:
     with pytest.raises(FailedPrecondition, match="gone does not open"):
         state.pre_start([by_node[str(tmp_path / "gone")]])
     assert state.options.pre_start_required
+
+
+def test_preferred_with_devices_spanning_two_nodes():
+    spec = {"x01": (0, 1), "a0": (0,), "b0": (1,), "b1": (1,)}
+    pref = Snap(snapshot(spec))
+    # two fit on node 1 alone
+    assert pref(list(spec), [], 2) == ["b0", "b1"]
+    # the spanning device forces both nodes; the rest then fit inside
+    assert sorted(pref(list(spec), ["x01"], 3)) == ["a0", "b0", "x01"]
+    assert sorted(pref(list(spec), [], 4)) == sorted(spec)
+
+
+def test_preferred_on_ten_thousand_shared_ids_stays_on_one_node():
+    spec = {f"g{n}-{i:04d}": (n,) for n in (0, 1) for i in range(5000)}
+    pref = Snap(snapshot(spec))
+    result = pref(list(spec), ["g1-0042"], 3)
+    assert result[0] == "g1-0042" and len(result) == 3
+    assert all(i.startswith("g1-") for i in result)
