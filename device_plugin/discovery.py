@@ -1,0 +1,331 @@
+"""udev discovery: one thread turning uevents into complete device inventories.
+
+The thread owns every pyudev object; what leaves it are frozen ``DeviceInfo``
+records, delivered as a complete inventory to a sink (the catalog).
+
+Order of operations, so no event can fall between listing and watching:
+
+1. open the netlink monitor, filtered by the subsystems the configuration
+   needs, and start it;
+2. enumerate those subsystems and publish;
+3. wait on the monitor socket (and a wake-up pipe for stop/reconfigure) with a
+   timeout that expires only for the safety-net resync (``resync_seconds``).
+
+The event source is chosen at run time: ``udev`` when ``/run/udev`` exists
+(udevd runs, properties such as ID_SERIAL and DEVLINKS are complete),
+``kernel`` otherwise; the choice is logged.  ``add``, ``remove``, ``change``
+(loop attach/detach only emit ``change``) and every other action are treated
+alike: discovery is level-triggered.  After the first event of a burst it keeps
+draining until the socket stays quiet for ``coalesce_seconds`` (bounded by
+``max_coalesce_seconds``), then re-enumerates the affected subsystems and
+publishes the whole inventory once.
+
+Latency hook: the sink receives the monotonic time at which the first uevent of
+the burst was read (None for the initial enumeration and resyncs); the registry
+stores it per generation (``ResourceState.last_event_monotonic``) and observes
+the uevent-to-snapshot histogram.
+
+Odd udev data never stops the thread: properties that are not UTF-8 are
+skipped, attribute values are capped and decoded with replacement
+(``device_plugin.sysfs``), a device or node that vanishes between enumeration
+and ``stat`` is left out, and any failure on one device only drops that device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pyudev
+
+from device_plugin import metrics, sysfs
+from device_plugin.config import Config
+from device_plugin.matching import Ancestor, AttributeNeeds, DeviceInfo, attribute_needs
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[tuple[DeviceInfo, ...], float | None], None]
+
+MAX_PROPERTY_CHARS = 4096
+# Whole device subtrees are never this deep; bounds a corrupt parent chain.
+MAX_ANCESTORS = 32
+
+
+def default_source() -> str:
+    return "udev" if os.path.isdir("/run/udev") else "kernel"
+
+
+def _properties(device: Any) -> dict[str, str]:
+    result: dict[str, str] = {}
+    try:
+        props = device.properties
+        keys = list(props)
+    except (UnicodeDecodeError, OSError, KeyError, ValueError):
+        return result
+    for key in keys:
+        try:
+            value = props[key]
+        except (UnicodeDecodeError, KeyError, ValueError, OSError):
+            log.debug("skipping undecodable property %r of %s", key, device.sys_path)
+            continue
+        result[str(key)] = str(value)[:MAX_PROPERTY_CHARS]
+    return result
+
+
+def _attributes(sys_path: str, names: Iterable[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for name in names:
+        value = sysfs.read_attribute(sys_path, name)
+        if value is not None:
+            result[name] = value
+    return result
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def device_info(device: Any, needs: AttributeNeeds) -> DeviceInfo | None:
+    """A ``DeviceInfo`` for a pyudev device with a node that exists, else None."""
+    devnode = _text(device.device_node)
+    if devnode is None:
+        return None
+    try:
+        os.stat(devnode)
+    except OSError:
+        # Vanished between enumeration and now, or never created (no devtmpfs).
+        return None
+    sys_path = str(device.sys_path)
+    ancestors: list[Ancestor] = []
+    parent = device.parent
+    while parent is not None and len(ancestors) < MAX_ANCESTORS:
+        ancestors.append(Ancestor(
+            sys_path=str(parent.sys_path),
+            subsystem=_text(parent.subsystem),
+            devtype=_text(parent.device_type),
+            kernel=str(parent.sys_name),
+            attributes=_attributes(str(parent.sys_path), needs.ancestor),
+            properties=_properties(parent),
+        ))
+        parent = parent.parent
+    try:
+        links = tuple(sorted(str(link) for link in device.device_links))
+    except (UnicodeDecodeError, OSError, ValueError):
+        links = ()
+    return DeviceInfo(
+        sys_path=sys_path,
+        subsystem=_text(device.subsystem),
+        devtype=_text(device.device_type),
+        kernel=str(device.sys_name),
+        devnode=devnode,
+        properties=_properties(device),
+        attributes=_attributes(sys_path, needs.device),
+        ancestors=tuple(ancestors),
+        devlinks=links,
+        numa_node=sysfs.numa_node([sys_path, *(a.sys_path for a in ancestors)]),
+    )
+
+
+def enumerate_devices(
+    context: Any, subsystems: Iterable[str] | None, needs: AttributeNeeds
+) -> dict[str, tuple[DeviceInfo, ...]]:
+    """Current devices with nodes, grouped by subsystem (all subsystems when None)."""
+    found: dict[str, list[DeviceInfo]] = {}
+    listings: list[Any]
+    if subsystems is None:
+        listings = [context.list_devices()]
+    else:
+        listings = [context.list_devices(subsystem=s) for s in sorted(subsystems)]
+        for s in subsystems:
+            found.setdefault(s, [])
+    for listing in listings:
+        for device in _safe_iter(listing):
+            try:
+                info = device_info(device, needs)
+            except Exception as exc:  # one odd device must not stop discovery
+                log.warning("skipping device %s: %s", getattr(device, "sys_path", "?"), exc)
+                continue
+            if info is not None and info.subsystem is not None:
+                found.setdefault(info.subsystem, []).append(info)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def _safe_iter(listing: Iterable[Any]) -> Iterable[Any]:
+    iterator = iter(listing)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except (pyudev.DeviceNotFoundError, OSError, UnicodeDecodeError, ValueError) as exc:
+            log.debug("device vanished during enumeration: %s", exc)
+
+
+class UdevDiscovery:
+    """The discovery thread.  ``start()``, ``reconfigure(config)``, ``stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        sink: Sink,
+        *,
+        source: str | None = None,
+        coalesce_seconds: float = 0.005,
+        max_coalesce_seconds: float = 0.05,
+    ) -> None:
+        self._config = config
+        self._sink = sink
+        self.source = source or default_source()
+        self._coalesce = coalesce_seconds
+        self._max_coalesce = max_coalesce_seconds
+        self._stop = threading.Event()
+        self._reconfigured = threading.Event()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        log.info("udev discovery: event source %r (%s)", self.source,
+                 "udevd runs: /run/udev exists" if self.source == "udev"
+                 else "no /run/udev: raw kernel uevents")
+        self._thread = threading.Thread(target=self._run, name="udev-discovery", daemon=True)
+        self._thread.start()
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a new configuration: re-open the monitor and re-enumerate."""
+        with self._lock:
+            self._config = config
+        self._reconfigured.set()
+        self._wake()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("udev discovery thread did not stop within %.1fs", timeout)
+                return
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("udev discovery stopped by an unexpected error")
+            self.ready.set()
+            raise
+
+    def _open(self, context: Any, config: Config) -> tuple[Any, frozenset[str] | None]:
+        subsystems = config.subsystems()
+        monitor = pyudev.Monitor.from_netlink(context, source=self.source)
+        if subsystems is not None:
+            for s in sorted(subsystems):
+                monitor.filter_by(s)
+        monitor.start()
+        return monitor, subsystems
+
+    def _loop(self) -> None:
+        context = pyudev.Context()
+        inventory: dict[str, tuple[DeviceInfo, ...]] = {}
+        monitor: Any = None
+        subsystems: frozenset[str] | None = None
+        needs: AttributeNeeds | None = None
+        next_resync = 0.0
+        while not self._stop.is_set():
+            if monitor is None or self._reconfigured.is_set():
+                self._reconfigured.clear()
+                with self._lock:
+                    config = self._config
+                monitor = None
+                # Monitor first, then enumerate: nothing falls in between.
+                monitor, subsystems = self._open(context, config)
+                needs = attribute_needs(config)
+                inventory = enumerate_devices(context, subsystems, needs)
+                self._publish(inventory, None)
+                next_resync = time.monotonic() + config.resync_seconds
+                self.ready.set()
+                continue
+            assert needs is not None
+            wait = max(0.0, next_resync - time.monotonic())
+            try:
+                readable, _, _ = select.select([monitor.fileno(), self._wake_r], [], [], wait)
+            except InterruptedError:
+                continue
+            if self._wake_r in readable:
+                self._drain_wake()
+                continue
+            if monitor.fileno() in readable:
+                first_event = time.monotonic()
+                touched = self._drain(monitor, first_event)
+                if touched is None or subsystems is None:
+                    inventory = enumerate_devices(context, subsystems, needs)
+                else:
+                    inventory.update(enumerate_devices(context, touched, needs))
+                self._publish(inventory, first_event)
+                continue
+            with self._lock:
+                resync = self._config.resync_seconds
+            log.debug("safety-net resync")
+            inventory = enumerate_devices(context, subsystems, needs)
+            self._publish(inventory, None)
+            next_resync = time.monotonic() + resync
+
+    def _drain(self, monitor: Any, started: float) -> set[str] | None:
+        """Read the burst; return the subsystems it touched (None: unknown, rescan all)."""
+        touched: set[str] = set()
+        unknown = False
+        deadline = started + self._max_coalesce
+        timeout = 0.0
+        while True:
+            try:
+                device = monitor.poll(timeout=timeout)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                log.debug("unreadable uevent: %s", exc)
+                unknown = True
+                device = None
+            if device is None:
+                remaining = deadline - time.monotonic()
+                if timeout > 0 or remaining <= 0:
+                    break
+                # Quiet right now: wait one coalescing window for the rest of a burst.
+                timeout = min(self._coalesce, remaining)
+                continue
+            timeout = 0.0
+            subsystem = _text(device.subsystem)
+            action = _text(device.action) or "unknown"
+            metrics.UEVENTS.labels(subsystem=subsystem or "", action=action).inc()
+            if subsystem:
+                touched.add(subsystem)
+            else:
+                unknown = True
+            if time.monotonic() >= deadline:
+                break
+        return None if unknown else touched
+
+    def _publish(self, inventory: dict[str, tuple[DeviceInfo, ...]], event: float | None) -> None:
+        devices = tuple(d for group in inventory.values() for d in group)
+        self._sink(devices, event)

@@ -1,0 +1,80 @@
+"""Prometheus metrics of the device plugin, shared by the domain and wire layers.
+
+Defined once here (default registry: the plugin is its own process) so both
+layers update the same series.  Names and who updates them:
+
+* ``hostkit_device_plugin_devices{resource,health}`` (gauge) - registry, on every
+  snapshot: allocatable IDs by health (``Healthy``/``Unhealthy``);
+* ``hostkit_device_plugin_allocations_total{resource,result}`` (counter) -
+  domain ``allocate``: result ``ok`` or the error code name;
+* ``hostkit_device_plugin_registrations_total{resource,result}`` (counter) - wire
+  layer, per Register attempt (``ok``/``error``);
+* ``hostkit_device_plugin_uevents_total{subsystem,action}`` (counter) - discovery;
+* ``hostkit_device_plugin_uevent_to_snapshot_seconds{resource}`` (histogram) -
+  registry: time from reading the first uevent of a burst to the new snapshot;
+* ``hostkit_device_plugin_snapshot_bytes{resource}`` (gauge) - wire layer, size of
+  the last ListAndWatch message sent;
+* ``hostkit_device_plugin_config_reloads_total{result}`` (counter, ``success``/
+  ``failure``), ``hostkit_device_plugin_config_last_reload_success`` (gauge 1/0),
+  ``hostkit_device_plugin_config_last_reload_timestamp_seconds`` (gauge) - reload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DEVICES = Gauge(
+    "hostkit_device_plugin_devices",
+    "Allocatable device IDs advertised, by resource and health",
+    ["resource", "health"],
+)
+ALLOCATIONS = Counter(
+    "hostkit_device_plugin_allocations_total",
+    "Allocate requests by resource and result (ok or the error code)",
+    ["resource", "result"],
+)
+REGISTRATIONS = Counter(
+    "hostkit_device_plugin_registrations_total",
+    "Registrations with the kubelet by resource and result",
+    ["resource", "result"],
+)
+UEVENTS = Counter(
+    "hostkit_device_plugin_uevents_total",
+    "udev/kernel uevents handled by subsystem and action",
+    ["subsystem", "action"],
+)
+UEVENT_TO_SNAPSHOT = Histogram(
+    "hostkit_device_plugin_uevent_to_snapshot_seconds",
+    "Time from reading a uevent to publishing the changed snapshot",
+    ["resource"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SNAPSHOT_BYTES = Gauge(
+    "hostkit_device_plugin_snapshot_bytes",
+    "Serialized size of the last ListAndWatch snapshot sent, by resource",
+    ["resource"],
+)
+CONFIG_RELOADS = Counter(
+    "hostkit_device_plugin_config_reloads_total",
+    "Configuration reload attempts by result (success or failure)",
+    ["result"],
+)
+CONFIG_LAST_RELOAD_SUCCESS = Gauge(
+    "hostkit_device_plugin_config_last_reload_success",
+    "1 when the last configuration (re)load succeeded, 0 when it was refused",
+)
+CONFIG_LAST_RELOAD_TIMESTAMP = Gauge(
+    "hostkit_device_plugin_config_last_reload_timestamp_seconds",
+    "Unix time of the last configuration reload attempt",
+)
+
+
+def forget_resource(resource: str) -> None:
+    """Drop the per-resource gauges of a resource that is no longer served."""
+    for health in ("Healthy", "Unhealthy"):
+        with contextlib.suppress(KeyError):
+            DEVICES.remove(resource, health)
+    with contextlib.suppress(KeyError):
+        SNAPSHOT_BYTES.remove(resource)
