@@ -40,22 +40,13 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from device_plugin import api, model
+from device_plugin.metrics import REGISTRATIONS, SNAPSHOT_BYTES
 from device_plugin.servicer import DevicePluginServicer, EncodedSnapshot, SnapshotFeed, StreamEnd
 from plugin_runtime import inotify
 from plugin_runtime.server import MAX_SOCKET_PATH, UnixSocketServer
 
 log = logging.getLogger(__name__)
 
-REGISTRATIONS = Counter(
-    "hostkit_device_plugin_registrations_total",
-    "Register calls made to the kubelet, by resource and result",
-    ["resource", "result"],
-)
-SNAPSHOT_BYTES = Gauge(
-    "hostkit_device_plugin_snapshot_bytes",
-    "Serialized size of the latest ListAndWatch snapshot per resource",
-    ["resource"],
-)
 SNAPSHOTS_REFUSED = Counter(
     "hostkit_device_plugin_snapshots_refused_total",
     "Snapshots not sent because they would pass the kubelet's 4 MiB message limit",
@@ -325,7 +316,7 @@ class PluginServer:
             try:
                 self._call_register(request)
             except RegistrationRefused as exc:
-                REGISTRATIONS.labels(self.name, "refused").inc()
+                REGISTRATIONS.labels(self.name, "error").inc()
                 if not server.socket_is_ours():
                     # A restarting kubelet wiped our socket while it dialled back; the
                     # queued deletion event brings a fresh socket and a new Register.

@@ -176,6 +176,11 @@ class SnapshotFeed:
     def close(self) -> None:
         self._closed.set()
         self.wake()
+        # The domain's wait wakes on stop by itself within its slice; a ``wake`` hook
+        # (the registry has one) makes it immediate.
+        wake = getattr(self.resource, "wake", None)
+        if callable(wake):
+            wake()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             # The domain's wait returns on stop; do not hang shutdown if it does not.
