@@ -64,6 +64,7 @@ SOCKET_DELETED = "own socket deleted"
 STREAM_ENDED = "ListAndWatch stream ended"
 RESOURCE_CHANGED = "resource changed after a refused snapshot"
 SAFETY_CHECK = "safety check"
+OPTIONS_CHANGED = "options changed"
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 _SOCKET_PREFIX = "hostkit-"
@@ -138,6 +139,7 @@ class PluginServer:
         self.registrations = 0
         self.reregister_reasons: list[str] = []
         self.socket_path: str | None = None
+        self.served_options = resource.options
         self.heartbeat = time.monotonic()
 
     # --- control from other threads -------------------------------------------------------
@@ -202,7 +204,7 @@ class PluginServer:
 
     def _run(self) -> None:
         try:
-            self._cycle("start")
+            self._cycle_safely("start")
             while True:
                 with self._cond:
                     if not self._reasons and not self._stopping:
@@ -213,7 +215,7 @@ class PluginServer:
                 self.heartbeat = time.monotonic()
                 reason = self._decide(reasons)
                 if reason is not None:
-                    self._cycle(reason)
+                    self._cycle_safely(reason)
         except Exception:
             log.exception("%s: lifecycle thread failed", self.name, extra={"resource": self.name})
             raise
@@ -236,7 +238,7 @@ class PluginServer:
                 return reason
             if reason == SOCKET_DELETED and not socket_ok:
                 return reason
-            if reason in (STREAM_ENDED, RESOURCE_CHANGED):
+            if reason in (STREAM_ENDED, RESOURCE_CHANGED, OPTIONS_CHANGED):
                 return reason
         # Safety net: repairs a missed inotify event.
         if not socket_ok:
@@ -246,6 +248,30 @@ class PluginServer:
         if not self.registered and kubelet_inode is not None:
             return SAFETY_CHECK
         return None
+
+    def _cycle_safely(self, reason: str) -> None:
+        """``_cycle``, retried a few times when the socket cannot be set up (a kubelet
+        restart may wipe it while it is being bound); then the safety net retries."""
+        for delay in (0.05, 0.2, 1.0, None):
+            try:
+                self._cycle(reason)
+                return
+            except OSError as exc:
+                self._stop_server()
+                log.warning(
+                    "%s: cannot serve on a new socket in %s: %s%s",
+                    self.name,
+                    self.kubelet_dir,
+                    exc,
+                    "" if delay is None else "; retrying",
+                    extra={"resource": self.name},
+                )
+                if delay is None:
+                    return
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._cond.wait(delay)
 
     def _cycle(self, reason: str) -> None:
         """Make sure a live server is on a fresh socket if needed, then Register."""
@@ -257,6 +283,7 @@ class PluginServer:
                 "%s: re-registering (%s)", self.name, reason, extra={"resource": self.name}
             )
         if fresh:
+            self.served_options = self.resource.options
             self._restart_server()
         self._register()
 
@@ -311,7 +338,7 @@ class PluginServer:
             resource_name=self.name,
             options=servicer.options_message(),
         )
-        delays = (0.02, 0.1, 0.3)
+        delays = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
         for attempt in range(len(delays) + 1):
             try:
                 self._call_register(request)
@@ -436,7 +463,9 @@ class PluginManager:
         )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop every server (their sockets go) and the watch threads."""
+        """Stop every server (their sockets go) and the watch threads; idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         os.write(self._wake_w, b"x")
         with self._lock:
@@ -476,10 +505,13 @@ class PluginManager:
         for name, server in current.items():
             resource = wanted.get(name)
             if resource is None or resource is not server.resource:
-                log.info("resource %s %s", name, "removed" if resource is None else "changed")
+                log.info("resource %s %s", name, "removed" if resource is None else "replaced")
                 server.stop()
                 with self._lock:
                     self._servers.pop(name, None)
+            elif resource.options != server.served_options:
+                # Options live in RegisterRequest and GetDevicePluginOptions: register anew.
+                server.request(OPTIONS_CHANGED)
         for name, resource in wanted.items():
             with self._lock:
                 if name in self._servers or self._stop.is_set():

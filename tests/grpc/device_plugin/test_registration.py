@@ -171,3 +171,26 @@ def test_catalog_change_adds_and_removes_servers(kubelet, run_manager):
         lambda: first.socket not in _sockets(kubelet.directory), 10, "a's socket to go"
     )
     kubelet.wait_for(lambda: first.disconnected, 10, "a's stream to end")
+
+
+class _MutableOptions(FakeResource):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.current_options = model.ResourceOptions()
+
+    @property
+    def options(self) -> model.ResourceOptions:
+        return self.current_options
+
+
+def test_changed_options_re_register_with_the_new_options(kubelet, run_manager):
+    resource = _MutableOptions("hostkit.io/fake", [unit("a")])
+    catalog = FakeCatalog([resource])
+    run_manager(catalog=catalog)
+    first = kubelet.wait_registered("hostkit.io/fake")
+    assert first.options.pre_start_required is False
+    resource.current_options = model.ResourceOptions(pre_start_required=True)
+    catalog.set_resources([resource])  # same object, new options: a config reload
+    again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket)
+    assert again.options.pre_start_required is True
+    assert again.request_options.pre_start_required is True
