@@ -101,6 +101,10 @@ class RegistrationRefused(Exception):
     """The kubelet answered Register with an error (not a transport failure)."""
 
 
+class RegistrationAbandoned(Exception):
+    """Register was cancelled because the socket it names is gone (or we stop)."""
+
+
 class PluginServer:
     """Serves one resource on its own socket and keeps it registered."""
 
@@ -258,7 +262,8 @@ class PluginServer:
                 return
             except OSError as exc:
                 self._stop_server()
-                log.warning(
+                log.log(
+                    logging.WARNING if delay is None else logging.INFO,
                     "%s: cannot serve on a new socket in %s: %s%s",
                     self.name,
                     self.kubelet_dir,
@@ -341,7 +346,14 @@ class PluginServer:
         delays = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
         for attempt in range(len(delays) + 1):
             try:
-                self._call_register(request)
+                self._call_register(request, server)
+            except RegistrationAbandoned:
+                log.info(
+                    "%s: socket removed while registering; starting over",
+                    self.name,
+                    extra={"resource": self.name},
+                )
+                return
             except RegistrationRefused as exc:
                 REGISTRATIONS.labels(self.name, "error").inc()
                 if not server.socket_is_ours():
@@ -362,6 +374,8 @@ class PluginServer:
                         if self._stopping:
                             return
                         self._cond.wait(delays[attempt])
+                        if self._reasons:
+                            return  # news (a wipe, a new kubelet.sock) decides what is next
                     continue
                 REGISTRATIONS.labels(self.name, "unavailable").inc()
                 level = logging.DEBUG if self._failure_logged else logging.WARNING
@@ -388,11 +402,21 @@ class PluginServer:
             extra={"resource": self.name},
         )
 
-    def _call_register(self, request: api.RegisterRequest) -> None:
+    def _call_register(self, request: api.RegisterRequest, server: UnixSocketServer) -> None:
+        """Register, abandoning the call when our socket goes meanwhile (the kubelet's
+        dial-back would then wait out its 10 s) or the server is stopping."""
         with grpc.insecure_channel(f"unix://{self.kubelet_socket}") as channel:
             stub = api.RegistrationStub(channel)
+            future = stub.Register.future(request, timeout=self._register_timeout)
+            future.add_done_callback(lambda _f: self._notify())
+            with self._cond:
+                while not future.done():
+                    if self._stopping or (self._reasons and not server.socket_is_ours()):
+                        future.cancel()
+                        raise RegistrationAbandoned("our socket went while registering")
+                    self._cond.wait()
             try:
-                stub.Register(request, timeout=self._register_timeout)
+                future.result()
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -401,6 +425,10 @@ class PluginServer:
                 raise RegistrationRefused(
                     f"{code.name if code else 'error'}: {details}"
                 ) from exc
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _teardown(self) -> None:
         self._stop_server()

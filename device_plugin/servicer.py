@@ -34,7 +34,10 @@ from plugin_runtime.rpc import RpcBoundary
 
 log = logging.getLogger(__name__)
 
-_BOUNDARY = RpcBoundary(api.DEVICE_PLUGIN_SERVICE)
+# A ListAndWatch stream ends CANCELLED whenever the kubelet restarts or re-dials:
+# routine, so DEBUG; the lifecycle logs the re-registration and the feed logs a
+# refused snapshot at ERROR itself.
+_BOUNDARY = RpcBoundary(api.DEVICE_PLUGIN_SERVICE, quiet=frozenset({"ListAndWatch"}))
 
 _HEALTH = {True: api.HEALTHY, False: api.UNHEALTHY}
 

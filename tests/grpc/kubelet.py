@@ -158,7 +158,10 @@ class KubeletStandIn:
                 continue
             if stat.S_ISDIR(st.st_mode) or not stat.S_ISSOCK(st.st_mode):
                 continue
-            os.unlink(path)
+            try:
+                os.unlink(path)  # RemoveAll: a file that went meanwhile is fine
+            except FileNotFoundError:
+                continue
             removed.append(name)
         return removed
 
