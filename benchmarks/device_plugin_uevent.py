@@ -44,8 +44,8 @@ resources:
 def main(events: int = 150) -> None:
     backing_dir = tempfile.mkdtemp(prefix="dpu", dir="/tmp")
     backing = os.path.join(backing_dir, "loop.img")
-    with open(backing, "wb") as f:
-        f.truncate(1024 * 1024)
+    with open(backing, "wb") as img:
+        img.truncate(1024 * 1024)
     device = commands.run(["losetup", "-f", "--show", backing], timeout=10).stdout.strip()
     kernel = os.path.basename(device)
     latencies: list[float] = []
