@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import select
+import socket
 import stat
 import threading
 import time
@@ -95,6 +96,38 @@ def _inode(path: str) -> int | None:
     except OSError:
         return None
     return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
+
+
+def remove_dead_sockets(directory: str) -> list[str]:
+    """Remove our sockets (``hostkit-*.sock``) that nobody listens on any more.
+
+    A plugin process that was killed leaves its socket behind, and the kubelet
+    never dials it again; only its next restart would wipe it.  A socket that
+    still accepts belongs to a live instance (a rolling update overlaps two
+    pods briefly) and stays.
+    """
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if not (name.startswith(_SOCKET_PREFIX) and name.endswith(".sock")):
+            continue
+        path = os.path.join(directory, name)
+        if _inode(path) is None:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            removed.append(name)
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    if removed:
+        log.info("removed sockets of dead plugin instances: %s", ", ".join(removed))
+    return removed
 
 
 class RegistrationRefused(Exception):
@@ -217,12 +250,16 @@ class PluginServer:
                         break
                     reasons, self._reasons = self._reasons, []
                 self.heartbeat = time.monotonic()
-                reason = self._decide(reasons)
-                if reason is not None:
-                    self._cycle_safely(reason)
-        except Exception:
-            log.exception("%s: lifecycle thread failed", self.name, extra={"resource": self.name})
-            raise
+                try:
+                    reason = self._decide(reasons)
+                    if reason is not None:
+                        self._cycle_safely(reason)
+                except Exception:
+                    # Never leave a resource unserved for good: the next event or the
+                    # safety check tries again.
+                    log.exception(
+                        "%s: lifecycle step failed", self.name, extra={"resource": self.name}
+                    )
         finally:
             self._teardown()
 
@@ -255,12 +292,13 @@ class PluginServer:
 
     def _cycle_safely(self, reason: str) -> None:
         """``_cycle``, retried a few times when the socket cannot be set up (a kubelet
-        restart may wipe it while it is being bound); then the safety net retries."""
+        restart may wipe it, or the directory, while it is being bound); then the
+        safety net retries.  The lifecycle thread never dies of a failed cycle."""
         for delay in (0.05, 0.2, 1.0, None):
             try:
                 self._cycle(reason)
                 return
-            except OSError as exc:
+            except Exception as exc:  # OSError, or grpc's RuntimeError on a failed bind
                 self._stop_server()
                 log.log(
                     logging.WARNING if delay is None else logging.INFO,
@@ -468,6 +506,7 @@ class PluginManager:
 
     def start(self) -> None:
         os.makedirs(self.kubelet_dir, mode=0o750, exist_ok=True)
+        remove_dead_sockets(self.kubelet_dir)
         # Watch before the first registration so no kubelet restart falls in between.
         watch = inotify.DirectoryWatch(self.kubelet_dir, self._mask())
         self._reconcile()

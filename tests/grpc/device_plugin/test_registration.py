@@ -194,3 +194,41 @@ def test_changed_options_re_register_with_the_new_options(kubelet, run_manager):
     again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket)
     assert again.options.pre_start_required is True
     assert again.request_options.pre_start_required is True
+
+
+def test_sockets_of_dead_instances_are_removed_at_start(kubelet, run_manager):
+    import socket
+
+    dead = os.path.join(kubelet.directory, "hostkit-hostkit.io_fake-1.sock")
+    alive = os.path.join(kubelet.directory, "hostkit-hostkit.io_other-2.sock")
+    foreign = os.path.join(kubelet.directory, "other-vendor.sock")
+    listeners = []
+    for path in (dead, alive, foreign):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.listen(1)
+        listeners.append(s)
+    listeners[0].close()  # the dead instance: its socket file stays, nobody listens
+    listeners[2].close()  # not ours: never touched, even when dead
+    try:
+        run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
+        kubelet.wait_registered("hostkit.io/fake")
+        assert not os.path.exists(dead)
+        assert os.path.exists(alive)
+        assert os.path.exists(foreign)
+    finally:
+        listeners[1].close()
+
+
+def test_kubelet_dir_removed_and_recreated(kubelet, run_manager):
+    import shutil
+
+    run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
+    first = kubelet.wait_registered("hostkit.io/fake")
+    kubelet.stop()
+    shutil.rmtree(kubelet.directory)
+    with kubelet._cond:
+        kubelet.endpoints.clear()
+    kubelet.start()  # re-creates the directory and kubelet.sock
+    again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket, timeout=20)
+    assert again.snapshots[-1].healthy() == {"a"}
