@@ -1,7 +1,7 @@
 """Answers to Allocate, GetPreferredAllocation and PreStartContainer.
 
-Pure functions of the resource's configuration and one snapshot (plus the
-units behind its IDs), so they are deterministic: the same IDs always give the
+Pure functions of the resource's configuration and one snapshot (indexed by
+ID, plus the units behind its IDs), so they are deterministic: the same IDs always give the
 same ``ContainerAllocation`` (IDs are sorted, units ordered by ID, nodes in
 unit order), which matters because the kubelet checkpoints the answer and
 replays it at every container restart.
@@ -24,7 +24,6 @@ from device_plugin.model import (
     DeviceNodeGrant,
     DeviceUnit,
     MountGrant,
-    ResourceSnapshot,
 )
 from device_plugin.units import Unit
 from plugin_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -36,15 +35,16 @@ def _shown(ids: Sequence[str], limit: int = 5) -> str:
 
 
 def validate_ids(
-    resource: str, snapshot: ResourceSnapshot, ids: Sequence[str], *, healthy: bool = True
+    resource: str, index: Mapping[str, DeviceUnit], ids: Sequence[str], *, healthy: bool = True
 ) -> list[DeviceUnit]:
-    """The snapshot units for ``ids`` (sorted by ID), or the error that explains why not."""
+    """The snapshot units for ``ids`` (sorted by ID), or the error that explains why not.
+    ``index`` is the current snapshot by ID (``ResourceSnapshot.by_id()``)."""
     if not ids:
         raise InvalidArgument(f"{resource}: no device IDs requested")
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         raise InvalidArgument(f"{resource}: device IDs requested more than once: {_shown(dupes)}")
-    by_id = snapshot.by_id()
+    by_id = index
     unknown = sorted(i for i in ids if i not in by_id)
     if unknown:
         raise NotFound(
@@ -92,14 +92,14 @@ def mount_grants(config: ResourceConfig) -> list[MountGrant]:
 
 def allocate(
     config: ResourceConfig,
-    snapshot: ResourceSnapshot,
+    index: Mapping[str, DeviceUnit],
     units_by_id: Mapping[str, Unit],
     ids: Sequence[str],
     cdi_vendor: str | None = None,
 ) -> ContainerAllocation:
     """The grants for one container; with ``cdi_vendor`` the nodes and mounts come from the
     CDI spec and the answer names the CDI devices instead."""
-    chosen = validate_ids(config.name, snapshot, ids)
+    chosen = validate_ids(config.name, index, ids)
     sorted_ids = [u.id for u in chosen]
     physical = _physical(sorted_ids, units_by_id)
     grants: list[DeviceNodeGrant] = []
@@ -133,14 +133,14 @@ def allocate(
 
 def preferred_allocation(
     resource: str,
-    snapshot: ResourceSnapshot,
+    index: Mapping[str, DeviceUnit],
     available: Sequence[str],
     must_include: Sequence[str],
     size: int,
 ) -> list[str]:
     """``size`` IDs from ``available`` including ``must_include``, on as few NUMA nodes as
     possible.  Only IDs from ``available`` are returned; devices without topology are
-    used last (like the kubelet's pseudo-node -1)."""
+    used last (like the kubelet's pseudo-node -1).  ``index`` is the snapshot by ID."""
     if size <= 0:
         raise InvalidArgument(f"{resource}: allocation size must be positive, got {size}")
     must = list(dict.fromkeys(must_include))
@@ -150,57 +150,68 @@ def preferred_allocation(
             f"must-include IDs"
         )
     avail = list(dict.fromkeys(available))
-    by_id = snapshot.by_id()
-    unknown = sorted(i for i in [*avail, *must] if i not in by_id)
+    unknown = sorted({i for i in avail if i not in index} | {i for i in must if i not in index})
     if unknown:
-        raise NotFound(f"{resource}: unknown device ID(s) {_shown(sorted(set(unknown)))}")
-    missing = sorted(set(must) - set(avail))
+        raise NotFound(f"{resource}: unknown device ID(s) {_shown(unknown)}")
+    avail_set = set(avail)
+    missing = [i for i in must if i not in avail_set]
     if missing:
         raise InvalidArgument(
             f"{resource}: must-include ID(s) {_shown(missing)} are not among the available IDs"
         )
     chosen = list(must)
-    covered: set[int] = {n for i in must for n in by_id[i].numa_nodes}
-    candidates = sorted(i for i in avail if i not in set(must) and by_id[i].healthy)
-    need = min(size, len(must) + len(candidates)) - len(chosen)
-
-    def take(ids: list[str]) -> None:
-        nonlocal need
-        for i in ids[:need]:
-            chosen.append(i)
-            candidates.remove(i)
-        need = max(0, need - len(ids))
-
-    while need > 0:
-        inside = [i for i in candidates
-                  if by_id[i].numa_nodes and set(by_id[i].numa_nodes) <= covered]
+    must_set = set(must)
+    covered: set[int] = {n for i in must for n in index[i].numa_nodes}
+    # Healthy candidates grouped by their NUMA node set, each group in ID order.
+    groups: dict[frozenset[int], list[str]] = {}
+    for i in sorted(avail_set - must_set):
+        if index[i].healthy:
+            groups.setdefault(frozenset(index[i].numa_nodes), []).append(i)
+    need = size - len(chosen)
+    while need > 0 and groups:
+        inside = sorted((k for k in groups if k and k <= covered), key=sorted)
         if inside:
-            take(inside)
+            for key in inside:
+                taken = groups.pop(key)[:need]
+                chosen.extend(taken)
+                need -= len(taken)
+                if not need:
+                    break
             continue
-        per_node: dict[int, list[str]] = {}
-        for i in candidates:
-            for n in by_id[i].numa_nodes:
-                if n in covered:
-                    continue
-                per_node.setdefault(n, []).append(i)
-        if not per_node:
-            take(list(candidates))
+        # usable[n]: IDs that adding node n makes fully covered; touching[n]: any IDs on n.
+        usable: dict[int, int] = {}
+        touching: dict[int, int] = {}
+        for key, ids in groups.items():
+            rest = key - covered
+            if len(rest) == 1:
+                (n,) = rest
+                usable[n] = usable.get(n, 0) + len(ids)
+            for n in rest:
+                touching[n] = touching.get(n, 0) + len(ids)
+        if not touching:
+            # Only devices without topology are left: they come last.
+            chosen.extend(groups.pop(frozenset())[:need])
             break
-        # The smallest node id that finishes the request alone, else the fullest node.
-        enough = sorted(n for n, ids in per_node.items() if len(ids) >= need)
-        node = enough[0] if enough else max(per_node, key=lambda n: (len(per_node[n]), -n))
+        # The smallest node that finishes the request alone, else the one that frees the
+        # most IDs, else (only multi-node devices left) the busiest node.
+        enough = sorted(n for n, count in usable.items() if count >= need)
+        if enough:
+            node = enough[0]
+        else:
+            counts = usable or touching
+            node = max(counts, key=lambda n: (counts[n], -n))
         covered.add(node)
     return chosen
 
 
 def pre_start(
     config: ResourceConfig,
-    snapshot: ResourceSnapshot,
+    index: Mapping[str, DeviceUnit],
     units_by_id: Mapping[str, Unit],
     ids: Sequence[str],
 ) -> None:
     """Run the configured PreStartContainer checks; FailedPrecondition names the node."""
-    chosen = validate_ids(config.name, snapshot, ids, healthy=False)
+    chosen = validate_ids(config.name, index, ids, healthy=False)
     if config.pre_start is None or not config.pre_start.open:
         return
     for unit in _physical([u.id for u in chosen], units_by_id):

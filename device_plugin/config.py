@@ -86,7 +86,7 @@ SECTIONS: dict[str, Section] = {
             Option("domain", "string (DNS subdomain)", "hostkit.io",
                    "Prefix of resource names given without a `/`: `fuse` becomes "
                    "`hostkit.io/fuse`."),
-            Option("resync_seconds", "number > 0", 300,
+            Option("resync_seconds", "number >= 1", 300,
                    "Safety-net full re-enumeration period.  Discovery is driven by uevents; "
                    "this only repairs a missed event."),
             Option("cdi", "mapping (see `cdi`)", {},
@@ -148,7 +148,7 @@ SECTIONS: dict[str, Section] = {
                    "Per-resource override of `cdi.enabled` (unset: follow it)."),
             Option("pre_start", "mapping (see `pre_start`)", None,
                    "Checks run before each container start; PreStartContainer is "
-                   "advertised only when set."),
+                   "advertised only when one is enabled."),
         ),
     ),
     "matcher": Section(
@@ -208,14 +208,18 @@ SECTIONS: dict[str, Section] = {
     "health": Section(
         "health",
         "resources[i].health",
-        "A probe per unit (its first node), run every `interval_seconds` and right "
-        "after each discovery change.  A failing probe marks the unit Unhealthy; it turns "
-        "Healthy again when the probe passes.",
+        "A probe per unit, run every `interval_seconds` and right after each discovery "
+        "change.  A failing probe marks the unit (all its share copies) Unhealthy, with the "
+        "reason in logs and `discover`; it turns Healthy again when the probe passes.",
         (
             Option("probe", "`attribute` or `open`", REQUIRED,
                    "`attribute`: a sysfs attribute of the device must have one of "
-                   "`healthy_values`; `open`: the device node must open (non-blocking)."),
-            Option("attribute", "string", None, "Attribute name (probe `attribute` only)."),
+                   "`healthy_values`; `open`: the device node must open (non-blocking).  "
+                   "Opening a serial port raises DTR/RTS and resets many boards: prefer "
+                   "`attribute` there."),
+            Option("attribute", "relative sysfs path", None,
+                   "Attribute of the unit's first device (probe `attribute` only); "
+                   "`device/enabled` reads the parent's through the `device` link."),
             Option("healthy_values", "list of globs", [],
                    "Accepted attribute values (probe `attribute` only)."),
             Option("interval_seconds", "number >= 0.1", 10, "Probe period."),
@@ -227,7 +231,8 @@ SECTIONS: dict[str, Section] = {
         "Checks before each container start (PreStartContainer).",
         (
             Option("open", "boolean", False,
-                   "Every node of the allocated units must open (non-blocking)."),
+                   "Every node of the allocated units must open (non-blocking).  "
+                   "PreStartContainer is advertised only when this is true."),
         ),
     ),
 }
@@ -665,14 +670,17 @@ def _resource(raw: object, path: str, domain: str, cdi_default: bool) -> Resourc
     if r.has("pre_start"):
         ps = _Reader(r.raw["pre_start"], r.at("pre_start"), "pre_start")
         pre_start = PreStart(open=ps.boolean("open"))
+    container = _template(r.string("container_path"), r.at("container_path"), PATH_PLACEHOLDERS)
+    if not container.startswith(("/", "{path}")):
+        raise ConfigError(f"{r.at('container_path')}: must be an absolute path template, "
+                          f"got {container!r}")
     cdi = r.boolean("cdi")
     return ResourceConfig(
         name=full,
         match=matches,
         group_by=group_by,
         symlinks=r.boolean("symlinks"),
-        container_path=_template(r.string("container_path"), r.at("container_path"),
-                                 PATH_PLACEHOLDERS),
+        container_path=container,
         permissions=permissions,
         mounts=tuple(mounts),
         env=env,
@@ -790,6 +798,11 @@ def reference_markdown() -> str:
         "and `idProduct` attributes; else `ID_PATH`; else the sysfs path.  They look like",
         "`ttyUSB-<hash12>`, are at most 63 characters, and stay the same across plugin",
         "restarts and re-plugging.  With `share` above 1 the IDs are `<id>-<i>`.",
+        "",
+        "Discovery listens to uevents: from udevd when `/run/udev` exists (mount it from",
+        "the host), else raw kernel uevents.  Without udevd, udev-only properties",
+        "(`ID_SERIAL`, `ID_PATH`, `DEVLINKS`, `ID_VENDOR_ID`...) are absent: match on",
+        "sysfs `attributes` (e.g. the USB parent's `idVendor`) to work in both modes.",
         "",
         "Health: a device that vanishes leaves the snapshot (the kubelet lowers",
         "capacity); re-plugged, it returns with the same ID.  The optional probe marks a",

@@ -55,6 +55,7 @@ Sink = Callable[[tuple[DeviceInfo, ...], float | None], None]
 MAX_PROPERTY_CHARS = 4096
 # Whole device subtrees are never this deep; bounds a corrupt parent chain.
 MAX_ANCESTORS = 32
+RESTART_DELAY = 1.0
 
 
 def default_source() -> str:
@@ -92,10 +93,16 @@ def _text(value: object) -> str | None:
 
 
 def device_info(device: Any, needs: AttributeNeeds) -> DeviceInfo | None:
-    """A ``DeviceInfo`` for a pyudev device with a node that exists, else None."""
+    """A ``DeviceInfo`` for a pyudev device with a node that exists and that some
+    matcher may select (``needs.may_select``), else None."""
     devnode = _text(device.device_node)
     if devnode is None:
         return None
+    subsystem = _text(device.subsystem)
+    devtype = _text(device.device_type)
+    kernel = str(device.sys_name)
+    if not needs.may_select(subsystem, devtype, kernel, devnode):
+        return None  # no matcher can select it: skip reading attributes and parents
     try:
         os.stat(devnode)
     except OSError:
@@ -114,20 +121,26 @@ def device_info(device: Any, needs: AttributeNeeds) -> DeviceInfo | None:
             properties=_properties(parent),
         ))
         parent = parent.parent
+    properties = _properties(device)
     try:
-        links = tuple(sorted(str(link) for link in device.device_links))
+        links = [str(link) for link in device.device_links]
     except (UnicodeDecodeError, OSError, ValueError):
-        links = ()
+        links = []
+    if not links:
+        links = properties.get("DEVLINKS", "").split()
+    # Only links that exist: a missing host path would fail the container's creation.
+    links = sorted(link for link in set(links)
+                   if link.startswith("/dev/") and os.path.lexists(link))
     return DeviceInfo(
         sys_path=sys_path,
-        subsystem=_text(device.subsystem),
-        devtype=_text(device.device_type),
-        kernel=str(device.sys_name),
+        subsystem=subsystem,
+        devtype=devtype,
+        kernel=kernel,
         devnode=devnode,
-        properties=_properties(device),
+        properties=properties,
         attributes=_attributes(sys_path, needs.device),
         ancestors=tuple(ancestors),
-        devlinks=links,
+        devlinks=tuple(links),
         numa_node=sysfs.numa_node([sys_path, *(a.sys_path for a in ancestors)]),
     )
 
@@ -176,7 +189,7 @@ class UdevDiscovery:
         sink: Sink,
         *,
         source: str | None = None,
-        coalesce_seconds: float = 0.005,
+        coalesce_seconds: float = 0.002,
         max_coalesce_seconds: float = 0.05,
     ) -> None:
         self._config = config
@@ -231,13 +244,20 @@ class UdevDiscovery:
             pass
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:
-            self.error = exc
-            log.exception("udev discovery stopped by an unexpected error")
-            self.ready.set()
-            raise
+        while not self._stop.is_set():
+            try:
+                self._loop()
+            except Exception as exc:
+                if not self.ready.is_set():
+                    # Cannot even start (no netlink socket, no sysfs): report to start().
+                    self.error = exc
+                    log.exception("udev discovery cannot start")
+                    self.ready.set()
+                    return
+                # Later failures re-open the monitor and re-enumerate from scratch.
+                log.exception("udev discovery failed; restarting it in %.0fs", RESTART_DELAY)
+                self._stop.wait(RESTART_DELAY)
+                self._reconfigured.set()
 
     def _open(self, context: Any, config: Config) -> tuple[Any, frozenset[str] | None]:
         subsystems = config.subsystems()
@@ -281,6 +301,8 @@ class UdevDiscovery:
             if monitor.fileno() in readable:
                 first_event = time.monotonic()
                 touched = self._drain(monitor, first_event)
+                if touched is not None and not touched:
+                    continue  # woken by an event of another subsystem, filtered out
                 if touched is None or subsystems is None:
                     inventory = enumerate_devices(context, subsystems, needs)
                 else:
@@ -304,12 +326,15 @@ class UdevDiscovery:
             try:
                 device = monitor.poll(timeout=timeout)
             except (OSError, UnicodeDecodeError, ValueError) as exc:
-                log.debug("unreadable uevent: %s", exc)
+                # e.g. ENOBUFS: the socket overflowed and events were lost; rescan all.
+                log.warning("uevent receive failed (%s); rescanning", exc)
                 unknown = True
                 device = None
             if device is None:
                 remaining = deadline - time.monotonic()
-                if timeout > 0 or remaining <= 0:
+                if timeout > 0 or remaining <= 0 or not (touched or unknown):
+                    # Quiet after a burst, out of time, or only events the monitor's
+                    # filter dropped (other subsystems): nothing more to wait for.
                     break
                 # Quiet right now: wait one coalescing window for the rest of a burst.
                 timeout = min(self._coalesce, remaining)

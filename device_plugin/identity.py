@@ -7,7 +7,10 @@ The identity key, strongest first:
 1. udev's ``ID_SERIAL`` (plus ``ID_USB_INTERFACE_NUM`` and partition number):
    the same serial adapter gets the same ID on any port;
 2. without udev (kernel uevents only), the USB ancestor's sysfs ``serial`` with
-   ``idVendor``/``idProduct`` and the interface number: same effect;
+   ``idVendor``/``idProduct`` and the interface number: same effect; a USB
+   device without a serial is identified by its port (the USB device's sysfs
+   path) and interface, so re-plugging into the same port keeps the ID even if
+   it comes back as another ``ttyUSBn``;
 3. udev's ``ID_PATH``: the same port gives the same ID;
 4. the sysfs path, which is stable for a given port or bus address (and for
    virtual devices such as /dev/fuse).
@@ -45,10 +48,15 @@ def _usb_identity(lineage: tuple[Ancestor, ...]) -> str | None:
     for node in lineage:
         if not interface and "bInterfaceNumber" in node.attributes:
             interface = node.attributes["bInterfaceNumber"]
+        if "idVendor" not in node.attributes:
+            continue
         serial = node.attributes.get("serial")
-        if serial and "idVendor" in node.attributes:
+        if serial:
             return (f"usb:{node.attributes['idVendor']}:{node.attributes.get('idProduct', '')}:"
                     f"{serial}:if{interface}")
+        # No serial: the port (the USB device's sysfs path) is the identity, without the
+        # ttyUSBn number the driver happened to hand out this time.
+        return f"usbport:{node.sys_path}:if{interface}"
     return None
 
 

@@ -115,12 +115,35 @@ def select(resource: ResourceConfig, devices: Iterable[DeviceInfo]) -> tuple[Dev
                         key=lambda d: d.sys_path))
 
 
+def cheap_match(
+    matcher: Matcher, subsystem: str | None, devtype: str | None, kernel: str, devnode: str
+) -> bool:
+    """The keys that need neither attributes nor ancestors (a pre-filter for discovery)."""
+    if matcher.subsystem is not None and subsystem != matcher.subsystem:
+        return False
+    if matcher.devtype is not None and devtype != matcher.devtype:
+        return False
+    if matcher.kernel is not None and not fnmatchcase(kernel, matcher.kernel):
+        return False
+    return matcher.devnode is None or fnmatchcase(devnode, matcher.devnode)
+
+
 @dataclass(frozen=True)
 class AttributeNeeds:
-    """Which sysfs attributes discovery must read for a configuration."""
+    """What discovery must read for a configuration: which sysfs attributes, and
+    which devices are worth reading at all (``matchers`` as a cheap pre-filter;
+    empty means every device with a node)."""
 
     device: frozenset[str]
     ancestor: frozenset[str]
+    matchers: tuple[Matcher, ...] = ()
+
+    def may_select(
+        self, subsystem: str | None, devtype: str | None, kernel: str, devnode: str
+    ) -> bool:
+        if not self.matchers:
+            return True
+        return any(cheap_match(m, subsystem, devtype, kernel, devnode) for m in self.matchers)
 
 
 # Read for identity (serial-based IDs without udev) and topology on every device.
@@ -140,4 +163,5 @@ def attribute_needs(config: Config) -> AttributeNeeds:
                 ancestor.update(k for k, _ in m.parent.attributes)
         if res.health is not None and res.health.attribute:
             device.add(res.health.attribute)
-    return AttributeNeeds(frozenset(device), frozenset(ancestor))
+    matchers = tuple(m for res in config.resources for m in res.match)
+    return AttributeNeeds(frozenset(device), frozenset(ancestor), matchers)

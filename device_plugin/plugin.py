@@ -11,6 +11,7 @@ snapshots, return rows; no threads, no monitor, no kubelet.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ class DevicePluginDomain:
 
     ``config_path`` None means the embedded default (no reload watcher).  The
     constructor loads and validates the configuration (``ConfigError`` names the
-    bad key); ``start()`` returns once the first enumeration is published.
+    bad key) unless ``config`` is given; ``transform`` is applied to the first and
+    every reloaded configuration (e.g. a ``--cdi-dir`` override).  ``start()``
+    returns once the first enumeration is published (``Unavailable`` if discovery
+    cannot start).
     """
 
     def __init__(
@@ -45,9 +49,11 @@ class DevicePluginDomain:
         config: Config | None = None,
         source: str | None = None,
         watch_config: bool = True,
+        transform: Callable[[Config], Config] | None = None,
     ) -> None:
         self.config_path = None if config_path is None else Path(config_path)
-        initial = config if config is not None else load_config(self.config_path)
+        self._transform = transform or (lambda c: c)
+        initial = self._transform(config if config is not None else load_config(self.config_path))
         self.catalog = Catalog(initial)
         self.discovery = UdevDiscovery(initial, self.catalog.publish_inventory, source=source)
         self.health = HealthMonitor(lambda: self.catalog.resources().values())
@@ -62,6 +68,8 @@ class DevicePluginDomain:
         return self.catalog.config
 
     def _apply(self, config: Config) -> None:
+        """A reloaded, valid configuration: adopt it everywhere."""
+        config = self._transform(config)
         self.catalog.apply_config(config)
         self.discovery.reconfigure(config)
         self.health.poke()

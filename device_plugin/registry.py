@@ -42,6 +42,10 @@ from plugin_runtime.errors import DomainError
 
 log = logging.getLogger(__name__)
 
+# A ``stop`` event set without calling ``wake()`` is noticed within this many
+# seconds; callers that set ``stop`` should call ``wake()`` to release at once.
+_SLICE = 0.5
+
 
 def options_for(config: ResourceConfig) -> ResourceOptions:
     return ResourceOptions(
@@ -62,8 +66,13 @@ class ResourceState:
         self._health: dict[str, Health] = {}
         self._by_id: dict[str, Unit] = {}
         self._snapshot = ResourceSnapshot(config.name, 0, ())
+        self._index: Mapping[str, DeviceUnit] = {}
         self.last_event_monotonic: float | None = None
-        self._cdi_written_for: ResourceConfig | None = None
+        self._ticket = 0
+        self._published_ticket = 0
+        self._cdi_lock = threading.Lock()
+        self._cdi_ticket = 0
+        self._cdi_written: tuple[object, ...] | None = None
         self._update_gauges()
 
     # ---- model.Resource -------------------------------------------------- #
@@ -92,8 +101,7 @@ class ResourceState:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                # Bounded slices so a ``stop`` set without ``wake()`` is still noticed.
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+                self._cond.wait(_SLICE if remaining is None else min(remaining, _SLICE))
             return self._snapshot
 
     def wake(self) -> None:
@@ -103,10 +111,10 @@ class ResourceState:
 
     def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
         with self._cond:
-            config, snapshot, by_id = self._config, self._snapshot, self._by_id
+            config, index, by_id = self._config, self._index, self._by_id
         vendor = self._cdi.vendor if (self._cdi is not None and config.cdi) else None
         try:
-            answer = allocation.allocate(config, snapshot, by_id, ids, vendor)
+            answer = allocation.allocate(config, index, by_id, ids, vendor)
         except DomainError as exc:
             metrics.ALLOCATIONS.labels(resource=config.name, result=exc.code).inc()
             raise
@@ -117,13 +125,13 @@ class ResourceState:
         self, available: Sequence[str], must_include: Sequence[str], size: int
     ) -> list[str]:
         return allocation.preferred_allocation(
-            self.name, self._snapshot, available, must_include, size
+            self.name, self._index, available, must_include, size
         )
 
     def pre_start(self, ids: Sequence[str]) -> None:
         with self._cond:
-            config, snapshot, by_id = self._config, self._snapshot, self._by_id
-        allocation.pre_start(config, snapshot, by_id, ids)
+            config, index, by_id = self._config, self._index, self._by_id
+        allocation.pre_start(config, index, by_id, ids)
 
     # ---- domain side ----------------------------------------------------- #
 
@@ -140,50 +148,55 @@ class ResourceState:
         self, devices: Iterable[DeviceInfo], event_monotonic: float | None = None
     ) -> bool:
         """Adopt a new device inventory; probe health; True when the snapshot changed."""
-        devices = tuple(devices)
-        with self._cond:
-            config = self._config
-            self._devices = devices
-        units = build_units(config, devices)
-        health = {u.id: probe_unit(config.health, u) for u in units}
-        return self._publish(config, units, health, event_monotonic)
+        return self._rebuild(self._begin(tuple(devices)), event_monotonic)
 
     def reprobe(self) -> bool:
         """Run the health probe on every unit; True when the snapshot changed."""
-        with self._cond:
-            config, units = self._config, self._units
-        health = {u.id: probe_unit(config.health, u) for u in units}
-        return self._publish(config, units, health, None)
+        return self._rebuild(self._begin(None), None)
 
     def reconfigure(self, config: ResourceConfig, cdi: CdiWriter | None) -> bool:
         """Apply a changed configuration of the same resource name."""
         with self._cond:
             self._config = config
             self._cdi = cdi
-            devices = self._devices
-        return self.update_devices(devices)
+        return self._rebuild(self._begin(None), None)
 
-    def _publish(
+    def _begin(
+        self, devices: tuple[DeviceInfo, ...] | None
+    ) -> tuple[int, ResourceConfig, tuple[DeviceInfo, ...]]:
+        """Take a ticket: the newest inventory and config, in order.
+
+        Discovery, health probes and reloads run in different threads and build
+        outside the lock; a result whose ticket is older than one already
+        published is dropped, so a slow probe never brings back stale units.
+        """
+        with self._cond:
+            if devices is not None:
+                self._devices = devices
+            self._ticket += 1
+            return self._ticket, self._config, self._devices
+
+    def _rebuild(
         self,
-        config: ResourceConfig,
-        units: tuple[Unit, ...],
-        health: dict[str, Health],
+        begun: tuple[int, ResourceConfig, tuple[DeviceInfo, ...]],
         event_monotonic: float | None,
     ) -> bool:
+        ticket, config, devices = begun
+        units = build_units(config, devices)
+        health = {u.id: probe_unit(config.health, u) for u in units}
         entries: list[DeviceUnit] = []
         by_id: dict[str, Unit] = {}
         for unit in units:
-            state = health.get(unit.id, Health(True))
+            state = health[unit.id]
             for unit_id in identity.share_ids(unit.id, config.share):
                 entries.append(DeviceUnit(unit_id, state.healthy, unit.numa_nodes, unit.nodes,
                                           state.reason))
                 by_id[unit_id] = unit
         new_units = tuple(entries)
         with self._cond:
-            if config is not self._config:
-                return False  # reconfigured meanwhile; the newer update wins
-            units_changed = units != self._units
-            write_cdi = units_changed or self._cdi_written_for is not config
+            if ticket < self._published_ticket:
+                return False  # a newer inventory/config was published meanwhile
+            self._published_ticket = ticket
             self._units = units
             self._health = health
             self._by_id = by_id
@@ -191,15 +204,13 @@ class ResourceState:
             if changed_snapshot:
                 self._snapshot = ResourceSnapshot(config.name, self._snapshot.generation + 1,
                                                   new_units)
+                self._index = self._snapshot.by_id()
                 self.last_event_monotonic = event_monotonic
                 self._cond.notify_all()
             snapshot = self._snapshot
-        if write_cdi and self._cdi is not None and config.cdi:
-            try:
-                self._cdi.write(config, units)
-                self._cdi_written_for = config
-            except OSError as exc:
-                log.error("cannot write the CDI spec of %s: %s", config.name, exc)
+            cdi = self._cdi
+        if cdi is not None and config.cdi:
+            self._write_cdi(cdi, ticket, config, units)
         if not changed_snapshot:
             return False
         if event_monotonic is not None:
@@ -220,10 +231,26 @@ class ResourceState:
             len(snapshot.units) - healthy
         )
 
+    def _write_cdi(
+        self, cdi: CdiWriter, ticket: int, config: ResourceConfig, units: tuple[Unit, ...]
+    ) -> None:
+        with self._cdi_lock:
+            if ticket < self._cdi_ticket:
+                return  # a newer spec is already on disk
+            self._cdi_ticket = ticket
+            if self._cdi_written == (cdi.directory, cdi.vendor, config, units):
+                return
+            try:
+                cdi.write(config, units)
+                self._cdi_written = (cdi.directory, cdi.vendor, config, units)
+            except OSError as exc:
+                log.error("cannot write the CDI spec of %s: %s", config.name, exc)
+
     def remove_cdi(self) -> None:
-        if self._cdi is not None and self._config.cdi:
-            self._cdi.remove(self._config)
-        self._cdi_written_for = None
+        with self._cdi_lock:
+            if self._cdi is not None and self._config.cdi:
+                self._cdi.remove(self._config)
+            self._cdi_written = None
 
     def close(self) -> None:
         """The resource is no longer served: remove its CDI spec and gauges."""
@@ -269,7 +296,7 @@ class Catalog:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+                self._cond.wait(_SLICE if remaining is None else min(remaining, _SLICE))
             return self._generation
 
     def wake(self) -> None:

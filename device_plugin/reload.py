@@ -18,8 +18,11 @@ refused: the last good configuration stays, the reason is logged, and the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from device_plugin import metrics
 from device_plugin.config import Config, ConfigError, parse_yaml
-from plugin_runtime.inotify import IN_IGNORED, DirectoryWatch
+from plugin_runtime.inotify import IN_IGNORED, DirectoryWatch, Event
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class ConfigReloader:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._watch: DirectoryWatch | None = None
+        self._wake_r = self._wake_w = -1
 
     def _read_digest(self) -> str | None:
         try:
@@ -65,16 +69,30 @@ class ConfigReloader:
 
     def start(self) -> None:
         self._watch = DirectoryWatch(str(self.path.parent))
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="config-reload", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
             self._thread.join(timeout)
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._thread = None
         if self._watch is not None:
             self._watch.close()
             self._watch = None
+
+    def _wait(self, watch: DirectoryWatch, timeout: float | None) -> list[Event]:
+        """Events of ``watch``, waiting up to ``timeout`` (None: until an event or stop)."""
+        readable, _, _ = select.select([watch.fileno(), self._wake_r], [], [], timeout)
+        if watch.fileno() not in readable:
+            return []
+        return watch.read(0)
 
     def _relevant(self, name: str) -> bool:
         return name == self.path.name or name.startswith("..")
@@ -84,7 +102,7 @@ class ConfigReloader:
             watch = self._watch
             if watch is None:
                 break
-            events = watch.read(0.25)
+            events = self._wait(watch, None)
             if not events:
                 continue
             if any(e.mask & IN_IGNORED for e in events):
@@ -104,7 +122,7 @@ class ConfigReloader:
             # A ConfigMap swap is several events in a row: let it finish.
             deadline = time.monotonic() + self._debounce
             while (remaining := deadline - time.monotonic()) > 0:
-                if not watch.read(remaining):
+                if not self._wait(watch, remaining):
                     break
             self.reload_now()
 
