@@ -25,12 +25,13 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from plugin_runtime.logs import configure_logging
 
 if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
     from device_plugin.config import Config
 
 log = logging.getLogger("device_plugin")
@@ -147,7 +148,7 @@ def _with_cdi_dir(cdi_dir: str | None) -> Callable[[Config], Config]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from device_plugin.config import ConfigError, load_config
+    from device_plugin.config import ConfigError
     from device_plugin.lifecycle import PluginManager
     from device_plugin.plugin import DevicePluginDomain
     from plugin_runtime.errors import DomainError
@@ -157,16 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.cdi_dir is not None and not args.cdi_dir.startswith("/"):
         print(f"device-plugin: --cdi-dir {args.cdi_dir!r} must be absolute", file=sys.stderr)
         return EXIT_BAD_INPUT
-    override = _with_cdi_dir(args.cdi_dir)
-
-    class Domain(DevicePluginDomain):
-        # Reloaded configurations get the same --cdi-dir override as the first one.
-        def _apply(self, config: Config) -> None:
-            super()._apply(override(config))
-
     try:
-        config = override(load_config(args.config))
-        domain = Domain(args.config, config=config)
+        domain = DevicePluginDomain(args.config, transform=_with_cdi_dir(args.cdi_dir))
     except ConfigError as exc:
         return _bad_config(exc)
     try:
@@ -212,6 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _start_health_endpoint(
     address: tuple[str, int], check: Callable[[float], tuple[bool, str]]
 ) -> ThreadingHTTPServer:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?", 1)[0] not in ("/healthz", "/livez"):
