@@ -173,6 +173,7 @@ class PluginServer:
         self._refused_generation: int | None = None
         self._waiting_logged = False
         self._failure_logged = False
+        self._refusal_logged = ""
         self.registrations = 0
         self.reregister_reasons: list[str] = []
         self.socket_path: str | None = None
@@ -399,7 +400,11 @@ class PluginServer:
                     # queued deletion event brings a fresh socket and a new Register.
                     log.info("%s: registration raced a kubelet restart: %s", self.name, exc)
                     return
-                log.error(
+                # ERROR once; the safety check retries every few seconds, quietly.
+                level = logging.DEBUG if self._refusal_logged == str(exc) else logging.ERROR
+                self._refusal_logged = str(exc)
+                log.log(
+                    level,
                     "%s: the kubelet refused registration: %s",
                     self.name,
                     exc,
@@ -430,6 +435,7 @@ class PluginServer:
             else:
                 break
         self._waiting_logged = self._failure_logged = False
+        self._refusal_logged = ""
         self._set_registered(kubelet_inode)
         self.registrations += 1
         REGISTRATIONS.labels(self.name, "ok").inc()

@@ -69,13 +69,22 @@ def test_kubelet_rejects_a_bad_version_and_a_bad_name_like_the_real_one(kubelet)
 
 
 def test_refused_registration_is_logged_with_the_kubelets_reason(kubelet, run_manager, caplog):
-    caplog.set_level(logging.INFO, logger="device_plugin.lifecycle")
-    run_manager(FakeResource("hostkit.io/bad name", [unit("a")]))
+    caplog.set_level(logging.DEBUG, logger="device_plugin.lifecycle")
+    manager = run_manager(FakeResource("hostkit.io/bad name", [unit("a")]))
     kubelet.wait_for(lambda: kubelet.rejections, 10, "a rejection")
     wait_until(lambda: any("refused registration" in r.message for r in caplog.records))
     record = next(r for r in caplog.records if "refused registration" in r.message)
     assert record.levelno == logging.ERROR
     assert 'the ResourceName "hostkit.io/bad name" is invalid' in record.getMessage()
+    # The safety check retries; the same refusal is not logged at ERROR again.
+    manager.servers["hostkit.io/bad name"].request("safety check")
+    kubelet.wait_for(lambda: len(kubelet.rejections) >= 2, 10, "a second rejection")
+    wait_until(lambda: sum("refused registration" in r.message for r in caplog.records) >= 2)
+    errors_logged = [
+        r for r in caplog.records
+        if "refused registration" in r.message and r.levelno >= logging.ERROR
+    ]
+    assert len(errors_logged) == 1
 
 
 def test_kubelet_restart_re_registers_on_a_new_socket(kubelet, run_manager):

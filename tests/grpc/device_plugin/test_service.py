@@ -231,3 +231,28 @@ def test_a_later_snapshot_over_4mib_ends_the_stream_with_a_clear_error(kubelet, 
     resource.set_units([unit("z")])
     again = kubelet.wait_registered(NAME, not_socket=first.socket, timeout=20)
     assert again.snapshots[-1].healthy() == {"z"}
+
+
+def test_the_stand_in_enforces_the_kubelets_4mib_receive_limit(kubelet, kubelet_dir):
+    # Why the refusal exists: a plugin that sends the oversized snapshot anyway breaks
+    # the kubelet's stream with gRPC's own error (k8s #109304).
+    from device_plugin.lifecycle import PluginManager, PluginServer
+    from tests.grpc.device_plugin.doubles import FakeCatalog
+
+    manager = PluginManager(
+        FakeCatalog([FakeResource(NAME, _oversized())]),
+        kubelet_dir,
+        server_factory=lambda r: PluginServer(r, kubelet_dir, message_limit=64 * 1024 * 1024),
+    )
+    manager.start()
+    try:
+        endpoint = kubelet.wait_for(
+            lambda: (ep := kubelet.endpoints.get(NAME)) is not None and ep.disconnected and ep,
+            20,
+            "the stream to break",
+        )
+        assert endpoint.snapshots == []
+        assert endpoint.stream_error.startswith("RESOURCE_EXHAUSTED")
+        assert "larger than max" in endpoint.stream_error
+    finally:
+        manager.stop()
