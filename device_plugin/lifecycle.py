@@ -90,12 +90,14 @@ def socket_name(resource: str, directory: str, now_ns: int | None = None) -> str
     return f"{_SOCKET_PREFIX}{slug}-{stamp}.sock"
 
 
-def _inode(path: str) -> int | None:
+def _inode(path: str) -> tuple[int, int] | None:
+    """Identity of the socket at ``path``: inode and ctime (an inode number alone can
+    be reused by a re-created kubelet.sock on disk filesystems)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_ino if stat.S_ISSOCK(st.st_mode) else None
+    return (st.st_ino, st.st_ctime_ns) if stat.S_ISSOCK(st.st_mode) else None
 
 
 def remove_dead_sockets(directory: str) -> list[str]:
@@ -169,7 +171,7 @@ class PluginServer:
         self._server: UnixSocketServer | None = None
         self._servicer: DevicePluginServicer | None = None
         self._epoch = 0
-        self._registered_inode: int | None = None
+        self._registered_inode: tuple[int, int] | None = None
         self._refused_generation: int | None = None
         self._waiting_logged = False
         self._failure_logged = False
@@ -357,7 +359,7 @@ class PluginServer:
         if server is not None:
             server.stop(self._stop_grace)
 
-    def _set_registered(self, inode: int | None) -> None:
+    def _set_registered(self, inode: tuple[int, int] | None) -> None:
         self._registered_inode = inode
         REGISTERED.labels(self.name).set(0 if inode is None else 1)
 
