@@ -543,6 +543,9 @@ class PluginManager:
             return
         self._stop.set()
         os.write(self._wake_w, b"x")
+        wake = getattr(self.catalog, "wake", None)  # the registry's Catalog has one
+        if callable(wake):
+            wake()
         with self._lock:
             servers = list(self._servers.values())
             self._servers.clear()
