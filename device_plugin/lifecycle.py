@@ -237,6 +237,8 @@ class PluginServer:
                 self.name,
                 extra={"resource": self.name},
             )
+            if self._feed.current.generation != end.refused_generation:
+                self.request(RESOURCE_CHANGED)  # it already changed meanwhile
             return
         self.request(STREAM_ENDED)
 
