@@ -118,6 +118,9 @@ class KubeletStandIn:
 
     def start(self) -> None:
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        # server.go listen(): a stale kubelet.sock of a dead kubelet is removed first.
+        if os.path.exists(self.socket) and stat.S_ISSOCK(os.lstat(self.socket).st_mode):
+            os.unlink(self.socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._workers))
         api.add_RegistrationServicer_to_server(_Registration(self), server)
         server.add_insecure_port(f"unix://{self.socket}")

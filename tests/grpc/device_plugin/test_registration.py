@@ -241,3 +241,29 @@ def test_kubelet_dir_removed_and_recreated(kubelet, run_manager):
     kubelet.start()  # re-creates the directory and kubelet.sock
     again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket, timeout=20)
     assert again.snapshots[-1].healthy() == {"a"}
+
+
+def test_a_stale_kubelet_sock_is_waited_out_with_one_warning(kubelet_dir, run_manager, caplog):
+    import socket
+
+    caplog.set_level(logging.DEBUG)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.path.join(kubelet_dir, "kubelet.sock"))
+    stale.close()  # a dead kubelet's socket: the file stays, connecting is refused
+    manager = run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
+    wait_until(lambda: any("not answering" in r.getMessage() for r in caplog.records))
+    manager.servers["hostkit.io/fake"].request("safety check")  # retried quietly
+    wait_until(
+        lambda: sum("not answering" in r.getMessage() for r in caplog.records) >= 2, timeout=15
+    )
+    kubelet = KubeletStandIn(kubelet_dir)
+    kubelet.start()
+    try:
+        assert kubelet.wait_registered("hostkit.io/fake").snapshots[-1].healthy() == {"a"}
+    finally:
+        kubelet.stop()
+    warnings = [
+        r for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("device_plugin")
+    ]
+    assert len(warnings) == 1 and "not answering" in warnings[0].getMessage()
