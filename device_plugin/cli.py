@@ -149,12 +149,17 @@ def _with_cdi_dir(cdi_dir: str | None) -> Callable[[Config], Config]:
 
 def _serve(args: argparse.Namespace) -> int:
     from device_plugin.config import ConfigError
-    from device_plugin.lifecycle import PluginManager
+    from device_plugin.lifecycle import PluginManager, socket_name
     from device_plugin.plugin import DevicePluginDomain
     from plugin_runtime.errors import DomainError
     from plugin_runtime.metrics import parse_address, start_metrics_endpoint
     from plugin_runtime.server import ShutdownSignals
 
+    try:
+        socket_name("hostkit.io/x", args.kubelet_dir)
+    except ValueError as exc:
+        print(f"device-plugin: --kubelet-dir: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.cdi_dir is not None and not args.cdi_dir.startswith("/"):
         print(f"device-plugin: --cdi-dir {args.cdi_dir!r} must be absolute", file=sys.stderr)
         return EXIT_BAD_INPUT

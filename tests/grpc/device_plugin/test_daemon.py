@@ -186,6 +186,13 @@ def restore_logging():
         root.setLevel(level)
 
 
+def test_a_kubelet_dir_too_long_for_a_socket_path_exits_2(capsys, restore_logging):
+    assert cli.main(["serve", "--kubelet-dir", "/tmp/" + "d" * 120]) == 2
+    assert "--kubelet-dir" in capsys.readouterr().err
+    assert cli.main(["serve", "--cdi-dir", "relative/cdi"]) == 2
+    assert "must be absolute" in capsys.readouterr().err
+
+
 def test_discover_prints_what_would_be_advertised(config_file, capsys, restore_logging):
     assert cli.main(["discover", "--config", config_file, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["devices"]
