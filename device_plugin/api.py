@@ -9,6 +9,7 @@ so a schema regeneration or a proto rename (the kubelet renamed
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -32,6 +33,9 @@ KUBELET_DIAL_TIMEOUT_SECONDS = 10.0
 PRE_START_CONTAINER_TIMEOUT_SECONDS = 30.0
 # The proto comment on Device.ID: "Max length of this field is 63 characters".
 MAX_DEVICE_ID_LENGTH = 63
+
+# The kubelet's pod-resources API (which pod holds which device IDs).
+POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 # --- service names on the wire --------------------------------------------------------
 DEVICE_PLUGIN_SERVICE = "v1beta1.DevicePlugin"
@@ -81,6 +85,14 @@ def RegistrationStub(channel: grpc.Channel) -> Any:
     """A client of the kubelet's Registration service."""
     return _grpc.RegistrationStub(channel)  # type: ignore[no-untyped-call]
 
+def pod_resources_api() -> tuple[ModuleType, ModuleType]:
+    """The kubelet pod-resources v1 messages and stubs, imported on first use (the
+    daemon itself does not need them)."""
+    from device_plugin._proto.podresources import api_pb2, api_pb2_grpc
+
+    return api_pb2, api_pb2_grpc
+
+
 __all__ = [
     "DEFAULT_KUBELET_DIR",
     "DEVICE_PLUGIN_SERVICE",
@@ -90,6 +102,7 @@ __all__ = [
     "KUBELET_SOCKET",
     "MAX_DEVICE_ID_LENGTH",
     "MAX_MESSAGE_BYTES",
+    "POD_RESOURCES_SOCKET",
     "PRE_START_CONTAINER_TIMEOUT_SECONDS",
     "REGISTRATION_SERVICE",
     "SUPPORTED_VERSIONS",
@@ -121,4 +134,5 @@ __all__ = [
     "TopologyInfo",
     "add_DevicePluginServicer_to_server",
     "add_RegistrationServicer_to_server",
+    "pod_resources_api",
 ]
