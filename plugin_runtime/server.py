@@ -12,6 +12,7 @@ newer instance's socket is never deleted by an older one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -110,9 +111,19 @@ class UnixSocketServer:
             server.start()
         finally:
             os.umask(old_umask)
-        os.chmod(private, 0o600)
-        os.rename(private, self.socket_path)
-        self._inode = os.stat(self.socket_path).st_ino
+        renamed = False
+        try:
+            os.chmod(private, 0o600)
+            os.rename(private, self.socket_path)
+            renamed = True
+            self._inode = os.stat(self.socket_path).st_ino
+        except OSError:
+            # Someone removed the socket under us (a restarting kubelet wipes every
+            # socket in its directory): leave nothing running or on disk.
+            server.stop(0).wait(5.0)
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path if renamed else private)
+            raise
         self._server = server
         for name in ("", *self._health_services):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,239 @@
+"""The ``device-plugin`` command: ``serve`` (the DaemonSet's process) and ``discover``.
+
+``serve`` loads and validates the configuration (an invalid one exits with code
+2 and the message naming the key), starts the domain (udev discovery, health,
+reload), then one kubelet endpoint per resource through ``PluginManager``, and
+waits for SIGTERM/SIGINT; shutdown stops every endpoint and removes its socket.
+
+``discover`` enumerates once and prints what would be advertised (resource,
+device ID, nodes, health, NUMA) without a kubelet and without importing gRPC.
+
+Liveness: each plugin socket serves the standard gRPC health service, but the
+socket names change on every registration, so a probe cannot name one.
+``--health-address`` therefore serves ``GET /healthz`` over HTTP: 200 while the
+directory watch, the catalog follower and every resource's lifecycle thread
+have woken up recently (each wakes at least every few seconds), 503 naming the
+stuck part otherwise.  It is off unless set, like ``--metrics-address``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from plugin_runtime.logs import configure_logging
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
+    from device_plugin.config import Config
+
+log = logging.getLogger("device_plugin")
+
+# Same as api.DEFAULT_KUBELET_DIR; spelled out so `discover` never imports gRPC
+# (tests/unit/test_device_plugin_cli.py keeps the two equal).
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+# /healthz fails when a lifecycle thread has not woken up for this long; they wake
+# at least every safety interval (5 s) and a Register call is bounded by 15 s.
+HEALTH_MAX_AGE_SECONDS = 60.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="device-plugin",
+        description="Kubernetes device plugin for udev-discovered host devices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="YAML configuration (default: the embedded default configuration)",
+        )
+        p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+        p.add_argument("--log-format", default="text", choices=("text", "json"))
+
+    serve = sub.add_parser("serve", help="serve the configured resources to the kubelet")
+    common(serve)
+    serve.add_argument(
+        "--kubelet-dir",
+        default=DEFAULT_KUBELET_DIR,
+        metavar="DIR",
+        help=f"the kubelet's device-plugin directory (default {DEFAULT_KUBELET_DIR})",
+    )
+    serve.add_argument(
+        "--cdi-dir",
+        metavar="DIR",
+        help="where CDI spec files are written; overrides cdi.dir of the configuration",
+    )
+    serve.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on HOST:PORT (off when unset)",
+    )
+    serve.add_argument(
+        "--health-address",
+        metavar="HOST:PORT",
+        help="serve GET /healthz for a liveness probe on HOST:PORT (off when unset)",
+    )
+
+    discover = sub.add_parser("discover", help="print what would be advertised, then exit")
+    common(discover)
+    discover.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        print(f"device-plugin: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.command == "discover":
+        return _discover(args)
+    return _serve(args)
+
+
+def _bad_config(exc: Exception) -> int:
+    print(f"device-plugin: invalid configuration: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from device_plugin.config import ConfigError
+    from device_plugin.plugin import discover
+
+    try:
+        rows = discover(args.config)
+    except ConfigError as exc:
+        return _bad_config(exc)
+    if args.json:
+        json.dump({"devices": [r.as_dict() for r in rows]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    table = [("RESOURCE", "ID", "HEALTH", "NUMA", "NODES")]
+    for r in rows:
+        health = r.health if not r.reason else f"{r.health} ({r.reason})"
+        numa = ",".join(str(n) for n in r.numa_nodes) or "-"
+        table.append((r.resource, r.id, health, numa, " ".join(r.nodes) or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        cells = [row[i].ljust(widths[i]) for i in range(4)]
+        print("  ".join([*cells, row[4]]).rstrip())
+    if not rows:
+        print("(no devices matched)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _with_cdi_dir(cdi_dir: str | None) -> Callable[[Config], Config]:
+    def apply(config: Config) -> Config:
+        if cdi_dir is None:
+            return config
+        return dataclasses.replace(config, cdi=dataclasses.replace(config.cdi, dir=cdi_dir))
+
+    return apply
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from device_plugin.config import ConfigError
+    from device_plugin.lifecycle import PluginManager, socket_name
+    from device_plugin.plugin import DevicePluginDomain
+    from plugin_runtime.errors import DomainError
+    from plugin_runtime.metrics import parse_address, start_metrics_endpoint
+    from plugin_runtime.server import ShutdownSignals
+
+    try:
+        socket_name("hostkit.io/x", args.kubelet_dir)
+    except ValueError as exc:
+        print(f"device-plugin: --kubelet-dir: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.cdi_dir is not None and not args.cdi_dir.startswith("/"):
+        print(f"device-plugin: --cdi-dir {args.cdi_dir!r} must be absolute", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        domain = DevicePluginDomain(args.config, transform=_with_cdi_dir(args.cdi_dir))
+    except ConfigError as exc:
+        return _bad_config(exc)
+    try:
+        health_address = parse_address(args.health_address) if args.health_address else None
+        metrics = start_metrics_endpoint(args.metrics_address)
+    except (ValueError, OSError) as exc:
+        print(f"device-plugin: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    signals = ShutdownSignals()
+    signals.install()
+    try:
+        domain.start()
+    except DomainError as exc:
+        log.error("cannot start: %s", exc)
+        domain.stop()
+        return EXIT_FAILED
+    manager = PluginManager(domain.catalog, args.kubelet_dir)
+    health: ThreadingHTTPServer | None = None
+    try:
+        manager.start()
+        if health_address is not None:
+            health = _start_health_endpoint(health_address, manager.healthy)
+        log.info(
+            "serving %d resources from %s to the kubelet in %s",
+            len(domain.catalog.resources()),
+            args.config or "the embedded default configuration",
+            args.kubelet_dir,
+        )
+        signals.event.wait()
+        log.info("received %s; shutting down", signals.received)
+    finally:
+        if health is not None:
+            health.shutdown()
+            health.server_close()
+        manager.stop()
+        domain.stop()
+        if metrics is not None:
+            metrics.stop()
+    return EXIT_OK
+
+
+def _start_health_endpoint(
+    address: tuple[str, int], check: Callable[[float], tuple[bool, str]]
+) -> ThreadingHTTPServer:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] not in ("/healthz", "/livez"):
+                self.send_error(404)
+                return
+            ok, reason = check(HEALTH_MAX_AGE_SECONDS)
+            body = (reason + "\n").encode()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("healthz: " + format, *args)
+
+    server = ThreadingHTTPServer(address, Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
+    log.info("serving /healthz on %s:%d", *server.server_address[:2])
+    return server
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The real daemon end to end: the domain on real udev devices, the CLI, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+from device_plugin import cli
+from device_plugin.lifecycle import PluginManager
+from device_plugin.plugin import DevicePluginDomain
+
+# Memory character devices exist on every Linux host (and in every container).
+CONFIG = """\
+domain: hostkit.io
+resources:
+  - name: "null"
+    match: [{subsystem: mem, kernel: "null"}]
+    share: 3
+  - name: zero
+    match: [{subsystem: mem, kernel: zero}]
+    env: {ZERO_IDS: "{ids}"}
+  - name: full
+    match: [{subsystem: mem, kernel: full}]
+"""
+RESOURCES = ("hostkit.io/null", "hostkit.io/zero", "hostkit.io/full")
+
+
+@pytest.fixture
+def config_file():
+    directory = tempfile.mkdtemp(prefix="dpc", dir="/tmp")
+    path = os.path.join(directory, "config.yaml")
+    with open(path, "w") as f:
+        f.write(CONFIG)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _sockets(directory):
+    return {
+        n for n in os.listdir(directory)
+        if stat.S_ISSOCK(os.lstat(os.path.join(directory, n)).st_mode)
+    }
+
+
+def test_real_domain_behind_the_wire(kubelet, kubelet_dir, config_file):
+    domain = DevicePluginDomain(config_file, watch_config=False)
+    domain.start()
+    manager = PluginManager(domain.catalog, kubelet_dir)
+    try:
+        manager.start()
+        endpoints = {name: kubelet.wait_registered(name) for name in RESOURCES}
+        null_ids = endpoints["hostkit.io/null"].snapshots[-1].healthy()
+        assert len(null_ids) == 3
+        one = sorted(null_ids)[0]
+        response = kubelet.allocate("hostkit.io/null", [one])
+        assert [(d.host_path, d.container_path) for d in response.devices] == [
+            ("/dev/null", "/dev/null")
+        ]
+        assert "r" in response.devices[0].permissions
+        (zero_id,) = endpoints["hostkit.io/zero"].snapshots[-1].healthy()
+        assert dict(kubelet.allocate("hostkit.io/zero", [zero_id]).envs) == {"ZERO_IDS": zero_id}
+        assert kubelet.preferred_allocation("hostkit.io/null", sorted(null_ids), [], 2)
+        import grpc
+
+        with pytest.raises(grpc.RpcError) as info:
+            kubelet.allocate("hostkit.io/null", ["no-such-id"])
+        assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert "no-such-id" in str(info.value.details())
+        kubelet.restart()
+        again = kubelet.wait_registered(
+            "hostkit.io/full", not_socket=endpoints["hostkit.io/full"].socket
+        )
+        assert len(again.snapshots[-1].healthy()) == 1
+    finally:
+        manager.stop()
+        domain.stop()
+    assert _sockets(kubelet_dir) == {"kubelet.sock"}
+
+
+def test_healthz_reports_the_lifecycle_threads(kubelet, kubelet_dir, config_file):
+    domain = DevicePluginDomain(config_file, watch_config=False)
+    domain.start()
+    manager = PluginManager(domain.catalog, kubelet_dir)
+    try:
+        manager.start()
+        server = cli._start_health_endpoint(("127.0.0.1", 0), manager.healthy)
+        try:
+            port = server.server_address[1]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                assert r.status == 200
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+            assert info.value.code == 404
+            info.value.close()
+            manager.stop()
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            assert info.value.code == 503
+            assert b"shutting down" in info.value.read()
+            info.value.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        manager.stop()
+        domain.stop()
+
+
+def _serve(kubelet_dir, config_file, *extra):
+    cdi = tempfile.mkdtemp(prefix="dpcdi", dir="/tmp")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "device_plugin", "serve",
+            "--config", config_file, "--kubelet-dir", kubelet_dir, "--cdi-dir", cdi,
+            "--log-format", "json", *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, cdi
+
+
+def test_sigterm_on_the_daemon_exits_cleanly_and_removes_its_sockets(
+    kubelet, kubelet_dir, config_file
+):
+    proc, cdi = _serve(kubelet_dir, config_file)
+    try:
+        endpoints = [kubelet.wait_registered(name, timeout=30) for name in RESOURCES]
+        assert _sockets(kubelet_dir) == {"kubelet.sock", *(e.socket for e in endpoints)}
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        shutil.rmtree(cdi, ignore_errors=True)
+    assert _sockets(kubelet_dir) == {"kubelet.sock"}
+    assert sorted(os.listdir(kubelet_dir)) == ["kubelet.sock"]
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("received SIGTERM" in line["msg"] for line in lines)
+    assert not [line for line in lines if line["level"] in ("error", "critical")]
+
+
+def test_bad_config_exits_2_naming_the_key(kubelet_dir, tmp_path_factory):
+    directory = tempfile.mkdtemp(prefix="dpb", dir="/tmp")
+    try:
+        path = os.path.join(directory, "bad.yaml")
+        with open(path, "w") as f:
+            f.write("resources:\n  - name: x\n    match: [{subsystem: mem}]\n    sharing: 2\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "device_plugin", "serve", "--config", path,
+             "--kubelet-dir", kubelet_dir],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr
+    assert "sharing" in result.stderr
+    assert os.listdir(kubelet_dir) == []
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_a_kubelet_dir_too_long_for_a_socket_path_exits_2(capsys, restore_logging):
+    assert cli.main(["serve", "--kubelet-dir", "/tmp/" + "d" * 120]) == 2
+    assert "--kubelet-dir" in capsys.readouterr().err
+    assert cli.main(["serve", "--cdi-dir", "relative/cdi"]) == 2
+    assert "must be absolute" in capsys.readouterr().err
+
+
+def test_discover_prints_what_would_be_advertised(config_file, capsys, restore_logging):
+    assert cli.main(["discover", "--config", config_file, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["devices"]
+    assert {r["resource"] for r in rows} == set(RESOURCES)
+    null = [r for r in rows if r["resource"] == "hostkit.io/null"]
+    assert len(null) == 3 and all(r["nodes"] == ["/dev/null"] for r in null)
+    assert all(r["health"] == "Healthy" for r in rows)
+    assert cli.main(["discover", "--config", config_file]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["RESOURCE", "ID", "HEALTH", "NUMA", "NODES"]
+    assert len(table) == 1 + len(rows)
+
+
+def test_kubelet_dir_default_matches_the_api_constant():
+    from device_plugin import api
+
+    assert cli.DEFAULT_KUBELET_DIR == api.DEFAULT_KUBELET_DIR

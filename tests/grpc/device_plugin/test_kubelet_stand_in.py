@@ -1,0 +1,47 @@
+"""The kubelet stand-in itself behaves like the kubelet where the tests rely on it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from tests.grpc.kubelet import KubeletStandIn, go_quote, is_extended_resource_name
+
+
+def test_restart_wipes_sockets_only_and_serves_kubelet_sock_again(kubelet_dir):
+    kubelet = KubeletStandIn(kubelet_dir)
+    kubelet.start()
+    try:
+        with open(os.path.join(kubelet_dir, "kubelet_internal_checkpoint"), "w") as f:
+            f.write("{}")
+        with open(os.path.join(kubelet_dir, "DEPRECATION"), "w") as f:
+            f.write("")
+        os.mkdir(os.path.join(kubelet_dir, "subdir"))
+        plugin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        plugin.bind(os.path.join(kubelet_dir, "vendor-plugin.sock"))
+        plugin.close()
+        kubelet.restart()
+        assert sorted(os.listdir(kubelet_dir)) == [
+            "DEPRECATION", "kubelet.sock", "kubelet_internal_checkpoint", "subdir"
+        ]
+        assert stat.S_ISSOCK(os.stat(kubelet.socket).st_mode)
+    finally:
+        kubelet.stop()
+
+
+def test_extended_resource_name_rules():
+    assert is_extended_resource_name("hostkit.io/fuse")
+    assert is_extended_resource_name("example.com/gpu-A_1.x")
+    for bad in (
+        "fuse",  # no domain
+        "kubernetes.io/fuse",
+        "foo.kubernetes.io/fuse",
+        "requests.hostkit.io/fuse",
+        "hostkit.io/",
+        "hostkit.io/-fuse",
+        "Hostkit.IO/fuse",  # the prefix is a lower-case DNS subdomain
+        "hostkit.io/" + "x" * 64,
+    ):
+        assert not is_extended_resource_name(bad), bad
+    assert go_quote('a"b') == '"a\\"b"'
