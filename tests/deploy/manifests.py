@@ -42,7 +42,8 @@ def load_all(text: str) -> list[dict[str, Any]]:
 def overlay_root(overlay: str) -> str:
     """The kubelet root an overlay sets (its local-only kubelet-root ConfigMap)."""
     doc = yaml.safe_load((DAEMONSETS / "overlays" / overlay / "kubelet-root.yaml").read_text())
-    return str(doc["data"]["path"])
+    path: str = doc["data"]["path"]
+    return path
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def arg(cont: dict[str, Any], flag: str) -> str:
     """Value of ``--flag=value`` in a container's args (exactly once)."""
     values = [a.split("=", 1)[1] for a in cont.get("args", []) if a.startswith(flag + "=")]
     assert len(values) == 1, f"{cont['name']}: expected one {flag}=..., got {values}"
-    return values[0]
+    return str(values[0])
 
 
 def env(cont: dict[str, Any], name: str) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from yamllint import config as yamllint_config
-from yamllint import linter as yamllint_linter
+from yamllint import config as yamllint_config  # type: ignore[import-untyped]
+from yamllint import linter as yamllint_linter  # type: ignore[import-untyped]
 
 from tests.deploy.manifests import (
     DAEMONSETS,
@@ -146,7 +146,7 @@ def test_examples_cover_the_issue() -> None:
 def test_yamllint_clean() -> None:
     conf = yamllint_config.YamlLintConfig(file=str(ROOT / ".yamllint"))
     problems = []
-    files = sorted(DAEMONSETS.rglob("*.yaml")) + [ROOT / ".yamllint", ROOT / ".hadolint.yaml"]
+    files = [*sorted(DAEMONSETS.rglob("*.yaml")), ROOT / ".yamllint", ROOT / ".hadolint.yaml"]
     assert len(files) > 20
     for path in files:
         for problem in yamllint_linter.run(path.read_text(), conf, str(path)):
