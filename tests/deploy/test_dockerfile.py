@@ -207,13 +207,37 @@ def _local_build_backend() -> bool:
     return True
 
 
-@pytest.mark.slow
-def test_wheel_from_the_build_context(tmp_path: Path) -> None:
-    context = tmp_path / "context"
+def _copy_context(dest_root: Path) -> Path:
+    """The files `docker build .` would send, copied to ``dest_root``."""
     for rel in _context_files():
-        dest = context / rel
+        dest = dest_root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest)
+    return dest_root
+
+
+def test_stub_check_in_the_build_context(tmp_path: Path) -> None:
+    generate = ROOT / "protos" / "generate.py"
+    missing = [s for s in re.findall(r'"(protos/[^"]+)", "([^"]+)"\)', generate.read_text())
+               if not (ROOT / s[0] / s[1]).exists()]
+    if missing:
+        pytest.skip(f"schemas not on this branch yet: {missing}")
+    context = _copy_context(tmp_path / "context")
+    command = [sys.executable, "protos/generate.py", "--check"]
+    proc = subprocess.run(command, cwd=context, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # A stale stub fails the build stage.
+    stub = context / "device_plugin" / "_proto" / "deviceplugin" / "api_pb2.py"
+    stub.write_text(stub.read_text() + "\n# edited by hand\n")
+    proc = subprocess.run(command, cwd=context, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 1 and "api_pb2.py" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_wheel_from_the_build_context(tmp_path: Path) -> None:
+    context = _copy_context(tmp_path / "context")
     wheels = tmp_path / "wheels"
     # Offline with this interpreter's setuptools when it meets the build
     # requirements; otherwise pip fetches them into an isolated build env.
