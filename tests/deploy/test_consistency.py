@@ -10,8 +10,6 @@ checks skip, naming the missing module, when a module has not landed yet.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -32,6 +30,7 @@ from tests.deploy.manifests import (
     container,
     expand,
     find,
+    landed_module,
     load_all,
     mount,
     overlay_root,
@@ -256,14 +255,9 @@ def test_resource_domain(default_docs: list[dict[str, Any]]) -> None:
     assert requested and requested <= names, f"examples request {requested}, config has {names}"
 
 
-def _module(name: str) -> Any:
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"{name} has not landed on this branch yet")
-    return importlib.import_module(name)
-
 
 def test_device_plugin_config_loads_with_the_code(default_docs: list[dict[str, Any]]) -> None:
-    config_module = _module("device_plugin.config")
+    config_module = landed_module("device_plugin.config")
     text = _config(default_docs, "hostkit-device-plugin-config")
     config = config_module.parse_yaml(text, "daemonsets/base/device-plugin/config.yaml")
     assert config.domain == DOMAIN
@@ -272,7 +266,7 @@ def test_device_plugin_config_loads_with_the_code(default_docs: list[dict[str, A
 
 
 def test_csi_config_loads_with_the_code(default_docs: list[dict[str, Any]]) -> None:
-    config_module = _module("csi_driver.config")
+    config_module = landed_module("csi_driver.config")
     text = _config(default_docs, "hostkit-csi-config")
     config = config_module.parse_config(yaml.safe_load(text), STATE_DIR)
     assert config.pools[0].name == "default"
@@ -291,7 +285,7 @@ def test_csi_config_loads_with_the_code(default_docs: list[dict[str, Any]]) -> N
 ])
 def test_daemonset_flags_exist_in_the_cli(default_docs: list[dict[str, Any]], module: str,
                                           ds: str, name: str) -> None:
-    _module(module)
+    landed_module(module)
     cont = container(find(default_docs, "DaemonSet", ds), name)
     assert cont["command"] == [name]
     assert name in PYPROJECT["project"]["scripts"]
