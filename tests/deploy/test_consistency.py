@@ -212,9 +212,11 @@ def test_device_plugin(rendered: dict[str, str], overlay: str) -> None:
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert cont["securityContext"]["privileged"] is True
     ports = {p["name"]: p["containerPort"] for p in cont["ports"]}
-    assert ports == {"metrics": 9500}
+    assert ports == {"metrics": 9500, "healthz": 9502}
     assert arg(cont, "--metrics-address") == ":9500"
-    assert cont["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert arg(cont, "--health-address") == ":9502"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert cont[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     res = cont["resources"]
     assert set(res["requests"]) == {"cpu", "memory"} and set(res["limits"]) == {"cpu", "memory"}
 
