@@ -25,6 +25,7 @@ from tests.deploy.manifests import (
     DEFAULT_KUBELET_ROOT,
     OVERLAYS,
     ROOT,
+    find,
     kustomize,
     load_all,
     overlay_root,
@@ -194,17 +195,23 @@ def test_kubelet_root_component_takes_any_root(tmp_path: Path) -> None:
     assert text.replace(root, "<ROOT>") == base.replace(DEFAULT_KUBELET_ROOT, "<ROOT>")
 
 
-def test_without_udevd_component(tmp_path: Path) -> None:
-    overlay = tmp_path / "kind"
+def _with_component(tmp_path: Path, component: str) -> list[dict[str, Any]]:
+    """The default overlay plus one optional component, rendered and validated."""
+    overlay = tmp_path / component
     overlay.mkdir()
     rel = Path("..") / Path(*[".."] * (len(overlay.parts) - 1)) / DAEMONSETS.relative_to("/")
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "resources": [str(rel / "overlays" / "default")],
-        "components": [str(rel / "components" / "without-udevd")],
+        "components": [str(rel / "components" / component)],
     }))
     docs = load_all(kustomize(overlay))
     for doc in docs:
         _validate(doc, VERSIONS[-1])
+    return docs
+
+
+def test_without_udevd_component(tmp_path: Path) -> None:
+    docs = _with_component(tmp_path, "without-udevd")
     daemonsets = [d for d in docs if d["kind"] == "DaemonSet"]
     assert len(daemonsets) == 2
     for ds in daemonsets:
@@ -214,6 +221,18 @@ def test_without_udevd_component(tmp_path: Path) -> None:
         assert all(v["name"] != "run-udev" for v in spec["volumes"])
         # Everything else is still there.
         assert any(v["name"] == "dev" for v in spec["volumes"])
+
+
+def test_without_snapshots_component(tmp_path: Path, default_docs: list[dict[str, Any]]) -> None:
+    docs = _with_component(tmp_path, "without-snapshots")
+    assert not [d for d in docs if d["kind"] == "VolumeSnapshotClass"]
+    assert not [d for d in docs if "snapshotter" in d["metadata"]["name"]]
+    csi = find(docs, "DaemonSet", "hostkit-csi-node")
+    names = [c["name"] for c in csi["spec"]["template"]["spec"]["containers"]]
+    assert names == ["csi-driver", "node-driver-registrar", "csi-provisioner", "csi-resizer",
+                     "liveness-probe"]
+    # Nothing else changed.
+    assert len(docs) == len(default_docs) - 3
 
 
 def test_every_yaml_under_daemonsets_is_used() -> None:
