@@ -299,3 +299,15 @@ def test_daemonset_flags_exist_in_the_cli(default_docs: list[dict[str, Any]], mo
     assert args[0] == "serve"
     for flag in (a.split("=", 1)[0] for a in args[1:]):
         assert flag in proc.stdout, f"{name} serve has no {flag}"
+
+
+def test_topology_key() -> None:
+    volumes = landed_module("csi_driver.volumes")
+    key = f"topology.{csi_driver.DRIVER_NAME}/node"
+    assert key == volumes.TOPOLOGY_KEY
+    assert f"`{key}`" in (ROOT / "docs" / "operator-guide.md").read_text()
+
+
+def test_device_plugin_default_kubelet_dir() -> None:
+    cli = landed_module("device_plugin.cli")
+    assert f"{DEFAULT_KUBELET_ROOT}/device-plugins" == cli.DEFAULT_KUBELET_DIR
