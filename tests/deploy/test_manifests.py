@@ -101,7 +101,8 @@ def test_overlay_renders_known_objects(rendered: dict[str, str], overlay: str) -
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     assert "kubelet-root" not in names
     namespaced = [d for d in docs if d["kind"] in
-                  ("DaemonSet", "ServiceAccount", "Role", "RoleBinding", "ConfigMap")]
+                  ("DaemonSet", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
+                   "ResourceQuota")]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"hostkit-system"}
 
 
