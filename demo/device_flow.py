@@ -29,7 +29,7 @@ def run(steps: Steps, workdir: str, config: str | None = None) -> None:
             if config:
                 args += ["--config", config]
             daemon = start_daemon("device-plugin", "device_plugin", args, workdir)
-            endpoints = kubelet.wait_for_snapshots(1, timeout=20)
+            endpoints = kubelet.wait_until_settled(timeout=20)
             if not endpoints:
                 if not daemon.alive():
                     raise RuntimeError("device plugin exited:\n" + daemon.log_tail())

@@ -106,16 +106,24 @@ class DemoKubelet(api_pb2_grpc.RegistrationServicer):
         except grpc.RpcError as exc:
             log.debug("ListAndWatch of %s ended: %s", endpoint.resource, exc)
 
-    def wait_for_snapshots(self, count: int, timeout: float) -> list[Endpoint]:
-        """Wait until ``count`` resources have sent at least one snapshot."""
+    def wait_until_settled(self, timeout: float, quiet: float = 0.3) -> list[Endpoint]:
+        """Wait until at least one plugin registered, every registered endpoint has
+        sent its first snapshot, and no new registration came for ``quiet`` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            seen = -1
+            stable_since = time.monotonic()
             while True:
-                ready = [e for e in self.endpoints.values() if e.updates > 0]
-                remaining = deadline - time.monotonic()
-                if len(ready) >= count or remaining <= 0:
-                    return ready
-                self._cond.wait(remaining)
+                now = time.monotonic()
+                endpoints = list(self.endpoints.values())
+                if len(endpoints) != seen:
+                    seen, stable_since = len(endpoints), now
+                complete = bool(endpoints) and all(e.updates > 0 for e in endpoints)
+                if complete and now - stable_since >= quiet:
+                    return endpoints
+                if now >= deadline:
+                    return [e for e in endpoints if e.updates > 0]
+                self._cond.wait(min(quiet / 3, deadline - now))
 
     def allocate(self, resource: str, ids: Sequence[str]) -> api_pb2.ContainerAllocateResponse:
         endpoint = self.endpoints[resource]
