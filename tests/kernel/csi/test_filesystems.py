@@ -82,8 +82,8 @@ def test_make_mount_write_grow_freeze_unmount(scratch: Scratch, fs_type: str):
     mounts.unmount(target)
     assert not mounts.is_mountpoint(target)
     mounts.mount(device, target, fs_type)
-    with open(data_file, "rb") as handle:
-        assert handle.read() == payload
+    with open(data_file, "rb") as reader:
+        assert reader.read() == payload
 
 
 def test_ext4_grows_offline_when_unmounted(scratch: Scratch):
@@ -100,8 +100,8 @@ def test_ext4_grows_offline_when_unmounted(scratch: Scratch):
     filesystems.grow_filesystem("ext4", device, None)
     mounts.mount(device, target, "ext4")
     assert filesystems.fs_usage(target).bytes_total > before + 100 * MiB
-    with open(os.path.join(target, "keep"), "rb") as handle:
-        assert handle.read() == b"kept"
+    with open(os.path.join(target, "keep"), "rb") as reader:
+        assert reader.read() == b"kept"
     with pytest.raises(InvalidArgument, match="only while mounted"):
         filesystems.grow_filesystem("xfs", device, None)
 
