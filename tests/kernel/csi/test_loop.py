@@ -31,6 +31,30 @@ def test_attach_with_direct_io_find_and_detach(scratch: Scratch):
     loop.detach(device)  # idempotent on a free device
 
 
+def test_legacy_set_fd_path_for_kernels_before_5_8(scratch: Scratch, monkeypatch):
+    monkeypatch.setattr(loop, "USE_LOOP_CONFIGURE", False)
+    image = scratch.image("legacy.img", 16 * MiB)
+    device = scratch.attach(image)
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert info.direct_io and not info.autoclear and info.backing_file == image
+    assert loop.find_by_backing_file(image) == [device]
+    ro_image = scratch.image("legacy-ro.img", 16 * MiB)
+    ro_device = scratch.attach(ro_image, read_only=True)
+    (ro_info,) = [i for i in loop.list_attached() if i.device == ro_device]
+    assert ro_info.read_only
+
+
+def test_missing_device_node_is_created_with_the_kernels_numbers(scratch: Scratch):
+    device = scratch.attach(scratch.image("node.img", 4 * MiB))
+    number = int(device.removeprefix("/dev/loop"))
+    node = loop._ensure_node(number, dev_dir=scratch.root)
+    assert node == scratch.path(f"loop{number}")
+    assert os.stat(node).st_rdev == os.stat(device).st_rdev
+    assert loop._ensure_node(number, dev_dir=scratch.root) == node  # exists: kept
+    with open_fd(node) as fd:
+        assert loop._get_status(fd) is not None
+
+
 def test_find_by_backing_file_follows_renames_and_deletion(scratch: Scratch):
     image = scratch.image("b.img", 8 * MiB)
     other = scratch.image("other.img", 8 * MiB)
