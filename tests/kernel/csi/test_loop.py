@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -53,6 +54,24 @@ def test_missing_device_node_is_created_with_the_kernels_numbers(scratch: Scratc
     assert loop._ensure_node(number, dev_dir=scratch.root) == node  # exists: kept
     with open_fd(node) as fd:
         assert loop._get_status(fd) is not None
+
+
+def test_direct_io_refused_by_the_backing_fs_falls_back_to_buffered(scratch: Scratch, caplog):
+    ramfs = scratch.mount("none", "ramfs", "ramfs")  # ramfs has no O_DIRECT
+    image = os.path.join(ramfs, "r.img")
+    with open(image, "wb") as handle:
+        handle.truncate(8 * MiB)
+    with caplog.at_level(logging.WARNING, logger="csi_driver.loop"):
+        device = scratch.attach(image)
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert not info.direct_io
+    assert any(
+        "buffered I/O" in r.getMessage() and device in r.getMessage() for r in caplog.records
+    )
+    block = os.urandom(4096)
+    with open_fd(device, os.O_RDWR) as fd:
+        os.pwrite(fd, block, 0)
+        assert os.pread(fd, 4096, 0) == block
 
 
 def test_find_by_backing_file_follows_renames_and_deletion(scratch: Scratch):
