@@ -462,7 +462,9 @@ def filesystem_error(device: str, fs_type: str, mount_point: str | None) -> str 
     """A message when the kernel reports the filesystem damaged, else None.
 
     Best effort, from what the kernel exposes without tools:
-    - ext4: ``/sys/fs/ext4/<dev>/errors_count`` (errors recorded in the superblock);
+    - ext4: ``/sys/fs/ext4/<dev>/errors_count`` (errors recorded in the superblock;
+      the kernel copies a new error there from a work item, so it shows within
+      milliseconds, not at the instant of the error);
     - btrfs: ``/sys/fs/btrfs/<fsid>/devinfo/*/error_stats`` counters;
     - any type, when mounted: the mount point cannot be stat'ed or listed
       (EIO, as on an xfs that shut itself down after a metadata error).
