@@ -29,9 +29,11 @@ def test_make_mount_write_grow_freeze_unmount(scratch: Scratch, fs_type: str):
     image = scratch.image("vol.img", FS_SIZE)
     device = scratch.attach(image)
     assert filesystems.probe_filesystem(device) is None
+    assert filesystems.identify_filesystem(device) is None
     assert not filesystems.has_signature(device)
     filesystems.make_filesystem(device, fs_type, label="vol1")
     assert filesystems.probe_filesystem(device) == fs_type
+    assert filesystems.identify_filesystem(device) == fs_type
     assert filesystems.has_signature(device)
     with pytest.raises(FailedPrecondition, match="not empty"):
         filesystems.make_filesystem(device, fs_type)
@@ -105,6 +107,19 @@ def test_ext4_grows_offline_when_unmounted(scratch: Scratch):
         assert reader.read() == b"kept"
     with pytest.raises(InvalidArgument, match="only while mounted"):
         filesystems.grow_filesystem("xfs", device, None)
+
+
+def test_identify_leaves_ext3_and_mixed_signatures_to_blkid(scratch: Scratch):
+    device = scratch.attach(scratch.image("e3.img", 64 * MiB))
+    commands.run(["mkfs.ext3", "-F", "-q", device], timeout=60)
+    assert filesystems.identify_filesystem(device) is None
+    assert filesystems.probe_filesystem(device) == "ext3"
+    ext4 = scratch.attach(scratch.image("e4.img", 64 * MiB))
+    filesystems.make_filesystem(ext4, "ext4")
+    assert filesystems.identify_filesystem(ext4) == "ext4"
+    with open(ext4, "r+b") as handle:  # an xfs magic in ext4's boot block: ambiguous
+        handle.write(b"XFSB")
+    assert filesystems.identify_filesystem(ext4) is None
 
 
 def test_frozen_thaws_when_the_body_raises(scratch: Scratch):
