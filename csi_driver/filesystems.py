@@ -15,6 +15,16 @@ file), the ext4 journal is kept, and ext4's inode tables are initialised lazily
 by the kernel.  The ext4 journal is zeroed at mkfs time except on loop devices:
 their images are always fresh sparse files that read as zeros, whereas a
 reused disk could hold a stale journal that a crash would replay.
+
+Measured here (p50 of 10, 1 GiB sparse image, mkfs alone; the machine is
+shared, so only differences of several ms mean anything):
+- ext4 defaults 5.9 ms, 32.6 MiB of the image allocated (zeroed journal);
+  ours (nodiscard, lazy itable, lazy journal on loop) 4.5 ms, 0.6 MiB;
+  lazy_journal_init=0 3.9 ms, 32.6 MiB; -T largefile no faster.
+- xfs defaults 23 ms, with -K (no discard) 8.7 ms; 64 MiB allocated either
+  way (the log, zeroed by write-zeroes; xfsprogs 6.1 has a 64 MiB minimum log).
+- btrfs 14-22 ms with or without -K (noise dominates), 4.6 MiB allocated;
+  -m single gains nothing.
 """
 
 from __future__ import annotations
