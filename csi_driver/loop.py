@@ -32,7 +32,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin_runtime.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from plugin_runtime.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +261,8 @@ def attach(
     must be re-attached the same way).  ``partscan`` makes the kernel read a
     partition table (tests use it).  Raises NotFound when the file is missing.
     """
+    if block_size and (block_size & (block_size - 1) or not 512 <= block_size <= 4096):
+        raise InvalidArgument(f"loop block size {block_size} is not 0 or a power of 2 in 512..4096")
     path = os.path.abspath(backing_file)
     try:
         file_fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -290,13 +298,14 @@ def _attach_free(
         try:
             number = fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE)
         except OSError as exc:
-            raise Internal(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
-        device = _ensure_node(number)
+            raise ResourceExhausted(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
         try:
+            device = _ensure_node(number)
             loop_fd = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # Removed (LOOP_CTL_REMOVE) by someone between GET_FREE and open.
-            continue
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO):
+                continue  # removed (LOOP_CTL_REMOVE) by someone between GET_FREE and open
+            raise Internal(f"cannot open loop device {number} to attach {path}: {exc}") from exc
         try:
             try:
                 _configure(
@@ -317,8 +326,9 @@ def _attach_free(
                 raise Internal(f"LOOP_CONFIGURE of {device} with {path} failed: {exc}") from exc
             try:
                 info = _get_status(loop_fd)
-            except OSError:
-                info = None
+            except OSError as exc:
+                log.warning("attached %s to %s but cannot read its status: %s", path, device, exc)
+                return device
             if info is None:
                 continue  # detached by someone else already; try again
             if flags & LO_FLAGS_DIRECT_IO and not info.lo_flags & LO_FLAGS_DIRECT_IO:

@@ -74,6 +74,12 @@ def test_direct_io_refused_by_the_backing_fs_falls_back_to_buffered(scratch: Scr
         assert os.pread(fd, 4096, 0) == block
 
 
+def test_block_size_4096_is_applied(scratch: Scratch):
+    device = scratch.attach(scratch.image("bs4k.img", 8 * MiB), block_size=4096)
+    with open(f"/sys/block/{device[5:]}/queue/logical_block_size") as handle:
+        assert handle.read().strip() == "4096"
+
+
 def test_find_by_backing_file_follows_renames_and_deletion(scratch: Scratch):
     image = scratch.image("b.img", 8 * MiB)
     other = scratch.image("other.img", 8 * MiB)
@@ -157,3 +163,5 @@ def test_bad_inputs(scratch: Scratch):
         loop.attach(scratch.root)
     with pytest.raises(InvalidArgument, match="loop device"):
         loop.detach("/dev/sda")
+    with pytest.raises(InvalidArgument, match="block size 1000"):
+        loop.attach(scratch.image("bs.img", MiB), block_size=1000)
