@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -11,7 +12,7 @@ import pytest
 
 from csi_driver import filesystems, loop, mounts
 from plugin_runtime import commands
-from plugin_runtime.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from plugin_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 
 from .conftest import Scratch
 
@@ -207,6 +208,31 @@ def test_sparse_copy_across_filesystems_and_of_an_all_hole_file(scratch: Scratch
     filesystems.sparse_copy(empty, os.path.join(other, "empty.img"))
     st = os.stat(os.path.join(other, "empty.img"))
     assert st.st_size == 8 * MiB and st.st_blocks == 0
+
+
+def test_sparse_copy_falls_back_to_sendfile(scratch: Scratch, monkeypatch):
+    src = scratch.path("fallback-src.img")
+    with open(src, "wb") as handle:
+        handle.truncate(8 * MiB)
+        handle.seek(3 * MiB)
+        handle.write(os.urandom(MiB))
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    dst = scratch.path("fallback-dst.img")
+    filesystems.sparse_copy(src, dst)
+    assert _digest(dst) == _digest(src)
+    assert os.stat(dst).st_blocks * 512 <= 2 * MiB
+
+
+def test_copies_of_a_missing_source_raise_not_found(scratch: Scratch):
+    with pytest.raises(NotFound, match="missing"):
+        filesystems.reflink_copy(scratch.path("missing"), scratch.path("d1"))
+    with pytest.raises(NotFound, match="missing"):
+        filesystems.sparse_copy(scratch.path("missing"), scratch.path("d2"))
+    assert not os.path.exists(scratch.path("d1")) and not os.path.exists(scratch.path("d2"))
 
 
 def test_sparse_copy_failure_leaves_no_destination(scratch: Scratch):
