@@ -101,12 +101,21 @@ def _check_block_device(device: str) -> None:
 # --- probing -----------------------------------------------------------------
 
 
+class AmbivalentSignatures(FailedPrecondition):
+    """blkid found several conflicting signatures (exit status 8)."""
+
+
 def _blkid(device: str, *extra: str) -> commands.CommandResult | None:
     """Run ``blkid -p`` (low-level probe, no cache); None when nothing was found."""
     _check_block_device(device)
     result = commands.run(["blkid", "-p", *extra, device], timeout=PROBE_TIMEOUT, check=False)
     if result.returncode == 2:
         return None  # no signature of any kind
+    if result.returncode == 8:
+        raise AmbivalentSignatures(
+            f"{device} carries more than one filesystem signature (blkid: ambivalent result); "
+            "refusing to guess which one is real"
+        )
     if result.returncode != 0:
         raise commands.CommandError(result)
     return result
@@ -116,7 +125,8 @@ def probe_filesystem(device: str) -> str | None:
     """The filesystem type on ``device`` (e.g. "ext4"), or None when there is none.
 
     A partition table or another non-filesystem signature also gives None; use
-    ``has_signature`` before writing to a device.
+    ``has_signature`` before writing to a device.  Several conflicting
+    filesystem signatures raise ``AmbivalentSignatures`` (FailedPrecondition).
     """
     result = _blkid(device, "-o", "value", "-s", "TYPE")
     if result is None:
@@ -127,7 +137,10 @@ def probe_filesystem(device: str) -> str | None:
 def has_signature(device: str) -> bool:
     """True when ``device`` carries any signature blkid knows (filesystem, RAID,
     LVM, swap, crypto, partition table)."""
-    result = _blkid(device, "-o", "export")
+    try:
+        result = _blkid(device, "-o", "export")
+    except AmbivalentSignatures:
+        return True
     if result is None:
         return False
     keys = {line.partition("=")[0] for line in result.stdout.splitlines()}
@@ -223,7 +236,10 @@ def make_filesystem(
     if size < minimum:
         raise OutOfRange(f"{device} has {size} bytes; {fs_type} needs at least {minimum} bytes")
     if check_empty and has_signature(device):
-        found = probe_filesystem(device) or "a partition table or other signature"
+        try:
+            found = probe_filesystem(device) or "a partition table or other signature"
+        except AmbivalentSignatures:
+            found = "several conflicting signatures"
         raise FailedPrecondition(f"{device} is not empty (it has {found}); not formatting it")
     result = commands.run(mkfs_argv(device, fs_type, label=label), timeout=MKFS_TIMEOUT)
     log.debug("made %s on %s in %.3fs", fs_type, device, result.seconds)

@@ -123,6 +123,25 @@ def test_identify_leaves_ext3_and_mixed_signatures_to_blkid(scratch: Scratch):
     assert filesystems.identify_filesystem(ext4) is None
 
 
+def test_conflicting_signatures_are_refused_not_guessed(scratch: Scratch):
+    donor = scratch.attach(scratch.image("donor.img", 64 * MiB))
+    filesystems.make_filesystem(donor, "ext4")
+    device = scratch.attach(scratch.image("both.img", 200 * MiB))
+    filesystems.make_filesystem(device, "btrfs")
+    with open(donor, "rb") as source, open(device, "r+b") as target:
+        source.seek(1024)
+        target.seek(1024)
+        target.write(source.read(1024))  # an ext4 superblock next to btrfs's
+        target.flush()
+        os.fsync(target.fileno())
+    assert filesystems.has_signature(device)
+    with pytest.raises(filesystems.AmbivalentSignatures, match="more than one"):
+        filesystems.probe_filesystem(device)
+    assert filesystems.identify_filesystem(device) is None
+    with pytest.raises(FailedPrecondition, match="conflicting"):
+        filesystems.make_filesystem(device, "ext4")
+
+
 def test_frozen_thaws_when_the_body_raises(scratch: Scratch):
     device = scratch.attach(scratch.image("f.img", 64 * MiB))
     filesystems.make_filesystem(device, "ext4")
@@ -138,7 +157,7 @@ def test_make_filesystem_refuses_bad_input(scratch: Scratch):
     with pytest.raises(InvalidArgument, match="vfat"):
         filesystems.make_filesystem(device, "vfat")
     with pytest.raises(OutOfRange, match="xfs needs at least"):
-        filesystems.make_filesystem(device, "xfs")
+        filesystems.make_filesystem(device, "ext4")
     with pytest.raises(InvalidArgument, match="label"):
         filesystems.make_filesystem(device, "xfs", label="much-too-long-for-xfs")
     with pytest.raises(InvalidArgument, match="not a block device"):
