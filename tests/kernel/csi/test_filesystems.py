@@ -157,7 +157,7 @@ def test_make_filesystem_refuses_bad_input(scratch: Scratch):
     with pytest.raises(InvalidArgument, match="vfat"):
         filesystems.make_filesystem(device, "vfat")
     with pytest.raises(OutOfRange, match="xfs needs at least"):
-        filesystems.make_filesystem(device, "ext4")
+        filesystems.make_filesystem(device, "xfs")
     with pytest.raises(InvalidArgument, match="label"):
         filesystems.make_filesystem(device, "xfs", label="much-too-long-for-xfs")
     with pytest.raises(InvalidArgument, match="not a block device"):
