@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
 import pytest
 
 from csi_driver import loop
-from plugin_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from plugin_runtime import commands
+from plugin_runtime.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 
 from .conftest import Scratch, open_fd
 
@@ -154,6 +156,42 @@ def test_concurrent_attaches_get_distinct_devices(scratch: Scratch):
     assert len(set(devices)) == 8
     for image, device in zip(images, devices, strict=True):
         assert loop.find_by_backing_file(image) == [device]
+
+
+def test_losing_the_race_for_a_free_device_retries_on_another(scratch: Scratch, monkeypatch):
+    # Another attacher takes the device LOOP_CTL_GET_FREE just returned (the real race:
+    # losetup binds it between our GET_FREE and LOOP_CONFIGURE); attach gets EBUSY and
+    # moves on.
+    ours = scratch.image("ours.img", 4 * MiB)
+    theirs = scratch.image("theirs.img", 4 * MiB)
+    real_ensure_node = loop._ensure_node
+    stolen: list[str] = []
+
+    def ensure_node_then_steal(number: int, dev_dir: str = "/dev") -> str:
+        device = real_ensure_node(number, dev_dir)
+        if not stolen:
+            commands.run(["losetup", device, theirs], timeout=30)
+            stolen.append(device)
+            scratch.devices.append(device)
+        return device
+
+    monkeypatch.setattr(loop, "_ensure_node", ensure_node_then_steal)
+    device = scratch.attach(ours)
+    assert stolen and device != stolen[0]
+    assert loop.backing_file(device) == ours
+    assert loop.backing_file(stolen[0]) == theirs
+
+
+def test_failed_configure_leaves_no_device(scratch: Scratch, monkeypatch):
+    image = scratch.image("fail.img", 4 * MiB)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(loop, "_configure", broken)
+    with pytest.raises(Internal, match=r"fail\.img"):
+        loop.attach(image)
+    assert loop.find_by_backing_file(image) == []
 
 
 def test_bad_inputs(scratch: Scratch):
