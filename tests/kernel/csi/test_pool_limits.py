@@ -61,7 +61,7 @@ def test_capacity_reports_the_tiny_pool(tiny: DriverProcess):
 
 
 @pytest.mark.parametrize("cap", [mount_cap(), block_cap()], ids=["mount", "block"])
-def test_out_of_space_is_resource_exhausted(tiny: DriverProcess, cap: object):
+def test_out_of_space_is_resource_exhausted(tiny: DriverProcess, cap: csi_pb2.VolumeCapability):
     csi = tiny.csi()
     expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, csi.controller.CreateVolume,
                 csi_pb2.CreateVolumeRequest(
