@@ -259,8 +259,20 @@ def test_malformed_capability_is_invalid_argument(csi: Csi, broken: str):
 # ---------------------------------------------------------------------------
 
 
-def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout):
+# csi-sanity names unknown objects with ids of its own format ("fake-vol-id-..."), and
+# the spec treats ids as opaque: an unknown but harmless id is NOT_FOUND, whatever
+# the driver's own id format.
+FOREIGN_IDS = [UNKNOWN_VOLUME, "vol-" + "0" * 32, "fake-vol-id-1"]
+
+
+@pytest.mark.parametrize("volume_id", FOREIGN_IDS)
+def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout, volume_id: str):
     requests = _requests(kubelet)
+    for _, _, request in requests.values():
+        for field in ("volume_id", "snapshot_id"):
+            if field in request.DESCRIPTOR.fields_by_name:
+                setattr(request, field, volume_id if field == "volume_id" else
+                        volume_id.replace("vol", "snap"))
     for rpc in (
         "ValidateVolumeCapabilities", "ControllerGetVolume", "ControllerExpandVolume",
         "GetSnapshot", "NodeStageVolume", "NodeGetVolumeStats", "NodeExpandVolume",
