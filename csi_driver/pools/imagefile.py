@@ -17,6 +17,7 @@ page cache) and found again by their backing file, so a retry never leaks one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -205,8 +206,6 @@ def build_image(path: str, size: int, thin: bool, source: str | None, what: str)
         finally:
             os.close(fd)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         raise
