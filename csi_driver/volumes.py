@@ -329,7 +329,12 @@ class VolumeService:
                 rec = existing
             else:
                 rec = self._new_record(req, place, size)
-            with self.locks.hold(f"vol:{rec.id}"):
+            keys = [f"vol:{rec.id}"]
+            if rec.source_volume:
+                keys.append(f"vol:{rec.source_volume}")
+            if rec.source_snapshot:
+                keys.append(f"snap:{rec.source_snapshot}")
+            with self.locks.hold_all(*keys):
                 return self._finish_create(rec, place)
 
     def _check_compatible(self, rec: VolumeRecord, req: CreateRequest, place: Placement) -> None:
@@ -454,9 +459,7 @@ class VolumeService:
             # A copy of a smaller filesystem: the image is larger, the fs grows at stage.
             rec.fs_grow_pending = True
         if rec.fs_type and not rec.formatted and source is None:
-            target = pool.format_target(rec)
-            if filesystems.probe_filesystem(target) is None:
-                filesystems.make_filesystem(target, rec.fs_type)
+            pool.format_new(rec)
             rec.formatted = True
             crash_point("create.after_mkfs")
         rec.state = READY

@@ -126,6 +126,10 @@ class Pool(Protocol):
     def backing_exists(self, rec: VolumeRecord) -> bool:
         """True when the image file or disk of ``rec`` is present."""
 
+    def format_new(self, rec: VolumeRecord) -> None:
+        """Put ``rec.fs_type`` on the freshly allocated backing (idempotent: a backing
+        that already carries that filesystem is left alone)."""
+
     def format_target(self, rec: VolumeRecord) -> str:
         """Path mkfs can format without attaching (image file or disk node)."""
 

@@ -27,7 +27,8 @@ from csi_driver import filesystems, loop
 from csi_driver.config import PoolConfig
 from csi_driver.pools.base import Capacity, Orphan, compute_capacity
 from csi_driver.store import VolumeRecord, fsync_dir
-from plugin_runtime.errors import Internal, NotFound, ResourceExhausted
+from plugin_runtime import commands
+from plugin_runtime.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class ImagePool:
                 self.grow(rec, rec.capacity_bytes)
             return final
         partial = os.path.join(self.volume_dir, f".{rec.id}.img.partial")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)  # left by a crash mid-build
         build_image(partial, rec.capacity_bytes, rec.thin, source, f"volume {rec.id}")
         os.rename(partial, final)
         fsync_dir(self.volume_dir)
@@ -122,6 +125,13 @@ class ImagePool:
 
     def backing_exists(self, rec: VolumeRecord) -> bool:
         return os.path.isfile(self.image_path(rec.id))
+
+    def format_new(self, rec: VolumeRecord) -> None:
+        # The image is ours and fresh (the record is still "creating", it was never
+        # handed out), so mkfs runs on the file itself, without a loop device, and
+        # may overwrite a half-made filesystem left by a crash.
+        commands.run(image_mkfs_argv(self.image_path(rec.id), rec.fs_type),
+                     timeout=MKFS_TIMEOUT)
 
     def format_target(self, rec: VolumeRecord) -> str:
         return self.image_path(rec.id)
@@ -187,6 +197,27 @@ class ImagePool:
                 found.append(Orphan("loop-not-staged", self.name, info.device,
                                     f"backed by {backing}"))
         return found
+
+
+MKFS_TIMEOUT = 300.0
+
+
+def image_mkfs_argv(path: str, fs_type: str) -> list[str]:
+    """mkfs for a fresh image file.
+
+    A new image reads as zeros (sparse, or fallocated extents that are unwritten),
+    so ext4 may skip zeroing its journal and inode tables; discard is pointless on
+    a file.  4 KiB blocks/sectors keep the filesystem mountable whatever logical
+    block size the loop device inherits from the pool's disk (512 B or 4 KiB).
+    """
+    if fs_type == "ext4":
+        return ["mkfs.ext4", "-F", "-q", "-b", "4096", "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1", path]
+    if fs_type == "xfs":
+        return ["mkfs.xfs", "-f", "-q", "-K", "-s", "size=4096", path]
+    if fs_type == "btrfs":
+        return ["mkfs.btrfs", "-f", "-q", "-K", path]
+    raise InvalidArgument(f"fs type {fs_type!r} is not supported")
 
 
 def build_image(path: str, size: int, thin: bool, source: str | None, what: str) -> None:
