@@ -1,5 +1,105 @@
-"""Fixtures of the kernel CSI suites (shared with tests/grpc/csi)."""
+"""Fixtures for the CSI kernel-primitive tests: own tmp dirs, own loop devices, own mounts.
 
-from tests.grpc.csi.driver_harness import csi, driver, kubelet, unique
+Everything a test creates is registered here and torn down in reverse order
+even when the test fails: mounts first (never lazily), then loop devices, then
+the directory (only when nothing is still mounted below it).
+"""
 
-__all__ = ["csi", "driver", "kubelet", "unique"]
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from csi_driver import loop, mounts
+
+
+@dataclass
+class Scratch:
+    """A private /tmp directory plus the loop devices and mounts made in it."""
+
+    root: str
+    devices: list[str] = field(default_factory=list)
+    mount_points: list[str] = field(default_factory=list)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def image(self, name: str, size: int) -> str:
+        path = self.path(name)
+        with open(path, "xb") as handle:
+            handle.truncate(size)
+        return path
+
+    def attach(self, image: str, **kwargs: bool) -> str:
+        device = loop.attach(image, **kwargs)
+        self.devices.append(device)
+        return device
+
+    def directory(self, name: str) -> str:
+        path = self.path(name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def mount(self, device: str, name: str, fs_type: str, options: tuple[str, ...] = ()) -> str:
+        target = self.directory(name)
+        mounts.mount(device, target, fs_type, options)
+        self.mount_points.append(target)
+        return target
+
+    def bind(self, source: str, name: str, *, read_only: bool = False) -> str:
+        target = self.directory(name)
+        mounts.bind_mount(source, target, read_only=read_only)
+        self.mount_points.append(target)
+        return target
+
+    def cleanup(self) -> list[str]:
+        problems = []
+        for target in reversed(self.mount_points):
+            while mounts.is_mountpoint(target):
+                try:
+                    mounts.unmount(target)
+                except Exception as exc:
+                    problems.append(f"unmount {target}: {exc}")
+                    break
+        for device in reversed(self.devices):
+            try:
+                loop.detach(device)
+            except Exception as exc:
+                problems.append(f"detach {device}: {exc}")
+        prefix = self.root + "/"
+        if any(e.mount_point.startswith(prefix) for e in mounts.read_mounts()):
+            problems.append(f"mounts left under {self.root}; not removing it")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return problems
+
+
+@pytest.fixture
+def scratch() -> Iterator[Scratch]:
+    box = Scratch(tempfile.mkdtemp(prefix="csip.", dir="/tmp"))
+    try:
+        yield box
+    finally:
+        problems = box.cleanup()
+    assert not problems, problems
+
+
+@contextlib.contextmanager
+def open_fd(path: str, flags: int = os.O_RDONLY) -> Iterator[int]:
+    fd = os.open(path, flags)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# Fixtures of the driver-level kernel suites (shared with tests/grpc/csi).
+from tests.grpc.csi.driver_harness import csi, driver, kubelet, unique  # noqa: E402
+
+__all__ = ["Scratch", "csi", "driver", "kubelet", "open_fd", "scratch", "unique"]

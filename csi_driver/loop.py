@@ -1,0 +1,498 @@
+"""Loop devices through the kernel's ioctls, without losetup.
+
+This module owns attaching image files to loop devices and detaching them.  It
+talks to /dev/loop-control and /dev/loopN directly (``<linux/loop.h>``):
+``LOOP_CTL_GET_FREE`` then one ``LOOP_CONFIGURE`` sets file, flags and direct
+I/O atomically, which is both faster than spawning losetup on the staging hot
+path and free of the window where a device is bound but not yet configured.
+
+Rules it keeps:
+- no autoclear: an attached device survives the driver's restart, and the
+  volume layer finds it again with ``find_by_backing_file`` (compared by the
+  backing file's device and inode, so a renamed file still matches);
+- direct I/O is asked for and, when the backing filesystem refuses it, the
+  device runs buffered and that is logged;
+- ``detach`` is never lazy: the kernel turns LOOP_CLR_FD on a device that is
+  still open into "clear on last close", so a device that stays busy gets its
+  autoclear flag taken back and the caller gets FailedPrecondition.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import re
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from plugin_runtime.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+LOOP_CONTROL = "/dev/loop-control"
+SYS_BLOCK = Path("/sys/block")
+LOOP_MAJOR = 7
+
+# <linux/loop.h>
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07
+LOOP_SET_DIRECT_IO = 0x4C08
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_PARTSCAN = 8
+LO_FLAGS_DIRECT_IO = 16
+
+# <linux/fs.h>
+BLKGETSIZE64 = 0x80081272
+
+LO_NAME_SIZE = 64
+ATTACH_ATTEMPTS = 32
+DETACH_WAIT_SECONDS = 2.0
+
+
+class LoopInfo64(ctypes.Structure):
+    """struct loop_info64."""
+
+    _fields_ = [
+        ("lo_device", ctypes.c_uint64),
+        ("lo_inode", ctypes.c_uint64),
+        ("lo_rdevice", ctypes.c_uint64),
+        ("lo_offset", ctypes.c_uint64),
+        ("lo_sizelimit", ctypes.c_uint64),
+        ("lo_number", ctypes.c_uint32),
+        ("lo_encrypt_type", ctypes.c_uint32),
+        ("lo_encrypt_key_size", ctypes.c_uint32),
+        ("lo_flags", ctypes.c_uint32),
+        ("lo_file_name", ctypes.c_uint8 * LO_NAME_SIZE),
+        ("lo_crypt_name", ctypes.c_uint8 * LO_NAME_SIZE),
+        ("lo_encrypt_key", ctypes.c_uint8 * 32),
+        ("lo_init", ctypes.c_uint64 * 2),
+    ]
+
+
+class LoopConfig(ctypes.Structure):
+    """struct loop_config."""
+
+    _fields_ = [
+        ("fd", ctypes.c_uint32),
+        ("block_size", ctypes.c_uint32),
+        ("info", LoopInfo64),
+        ("reserved", ctypes.c_uint64 * 8),
+    ]
+
+
+assert ctypes.sizeof(LoopInfo64) == 232
+assert ctypes.sizeof(LoopConfig) == 304
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """An attached loop device as the kernel reports it."""
+
+    device: str
+    number: int
+    backing_file: str | None
+    """Path from sysfs; may end in " (deleted)" when the file was removed."""
+    backing_dev: tuple[int, int]
+    """(major, minor) of the filesystem holding the backing file."""
+    backing_inode: int
+    offset: int
+    size_limit: int
+    flags: int
+
+    @property
+    def direct_io(self) -> bool:
+        return bool(self.flags & LO_FLAGS_DIRECT_IO)
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & LO_FLAGS_READ_ONLY)
+
+    @property
+    def autoclear(self) -> bool:
+        return bool(self.flags & LO_FLAGS_AUTOCLEAR)
+
+
+_DEVICE_RE = re.compile(r"/dev/loop([0-9]+)")
+
+
+def _number(device: str) -> int:
+    match = _DEVICE_RE.fullmatch(device)
+    if match is None:
+        raise InvalidArgument(f"{device!r} is not a loop device path (/dev/loopN)")
+    return int(match.group(1))
+
+
+def _decode_dev(encoded: int) -> tuple[int, int]:
+    """Split a kernel ``huge_encode_dev`` value into (major, minor)."""
+    major = (encoded & 0xFFF00) >> 8
+    minor = (encoded & 0xFF) | ((encoded >> 12) & 0xFFF00)
+    return major, minor
+
+
+def _ensure_node(number: int) -> str:
+    """Return /dev/loopN, creating the node when devtmpfs has not (containers)."""
+    device = f"/dev/loop{number}"
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISBLK(st.st_mode):
+            raise Internal(f"{device} exists but is not a block device")
+        return device
+    try:
+        dev_text = (SYS_BLOCK / f"loop{number}" / "dev").read_text().strip()
+        major_text, _, minor_text = dev_text.partition(":")
+        rdev = os.makedev(int(major_text), int(minor_text))
+    except (OSError, ValueError):
+        rdev = os.makedev(LOOP_MAJOR, number)
+    try:
+        os.mknod(device, 0o660 | stat.S_IFBLK, rdev)
+        log.info("created missing device node %s", device)
+    except FileExistsError:
+        pass
+    return device
+
+
+def _open_control() -> int:
+    try:
+        return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            os.mknod(LOOP_CONTROL, 0o660 | stat.S_IFCHR, os.makedev(10, 237))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise Internal(f"{LOOP_CONTROL} is missing and cannot be created: {exc}") from exc
+        return os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+
+
+def _get_status(fd: int) -> LoopInfo64 | None:
+    """LOOP_GET_STATUS64 on an open device; None when nothing is bound."""
+    info = LoopInfo64()
+    try:
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise
+    return info
+
+
+def _configure(loop_fd: int, file_fd: int, *, flags: int, block_size: int, name: bytes) -> None:
+    config = LoopConfig()
+    config.fd = file_fd
+    config.block_size = block_size
+    config.info.lo_flags = flags
+    ctypes.memmove(config.info.lo_file_name, name[: LO_NAME_SIZE - 1], min(len(name), 63))
+    fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
+
+
+def attach(
+    backing_file: str,
+    *,
+    direct_io: bool = True,
+    read_only: bool = False,
+    block_size: int = 0,
+    partscan: bool = False,
+) -> str:
+    """Attach ``backing_file`` to a free loop device and return "/dev/loopN".
+
+    ``block_size`` 0 lets the kernel choose the logical block size (keep it the
+    same across attaches of one image: a filesystem made on 512-byte sectors
+    must be re-attached the same way).  ``partscan`` makes the kernel read a
+    partition table (tests use it).  Raises NotFound when the file is missing.
+    """
+    path = os.path.abspath(backing_file)
+    try:
+        file_fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"backing file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"backing file {path} is not a regular file") from None
+    except OSError as exc:
+        raise Internal(f"cannot open backing file {path}: {exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            raise InvalidArgument(f"backing file {path} is not a regular file")
+        flags = (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_PARTSCAN if partscan else 0)
+        if direct_io:
+            flags |= LO_FLAGS_DIRECT_IO
+        control_fd = _open_control()
+        try:
+            device = _attach_free(
+                control_fd, file_fd, path, flags=flags, block_size=block_size, read_only=read_only
+            )
+        finally:
+            os.close(control_fd)
+    finally:
+        os.close(file_fd)
+    return device
+
+
+def _attach_free(
+    control_fd: int, file_fd: int, path: str, *, flags: int, block_size: int, read_only: bool
+) -> str:
+    last_error: OSError | None = None
+    for _attempt in range(ATTACH_ATTEMPTS):
+        try:
+            number = fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE)
+        except OSError as exc:
+            raise Internal(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
+        device = _ensure_node(number)
+        try:
+            loop_fd = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Removed (LOOP_CTL_REMOVE) by someone between GET_FREE and open.
+            continue
+        try:
+            try:
+                _configure(
+                    loop_fd, file_fd, flags=flags, block_size=block_size, name=os.fsencode(path)
+                )
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    last_error = exc  # another attacher won the race for this device
+                    continue
+                if exc.errno == errno.EINVAL and flags & LO_FLAGS_DIRECT_IO:
+                    log.warning(
+                        "loop: direct I/O refused for %s (%s); attaching with buffered I/O",
+                        path,
+                        exc.strerror,
+                    )
+                    flags &= ~LO_FLAGS_DIRECT_IO
+                    continue
+                raise Internal(f"LOOP_CONFIGURE of {device} with {path} failed: {exc}") from exc
+            try:
+                info = _get_status(loop_fd)
+            except OSError:
+                info = None
+            if info is None:
+                continue  # detached by someone else already; try again
+            if flags & LO_FLAGS_DIRECT_IO and not info.lo_flags & LO_FLAGS_DIRECT_IO:
+                log.warning(
+                    "loop: %s runs with buffered I/O, the kernel refused direct I/O for %s",
+                    device,
+                    path,
+                )
+            log.debug("attached %s to %s (flags=%#x)", path, device, info.lo_flags)
+            return device
+        finally:
+            os.close(loop_fd)
+    raise Internal(
+        f"could not attach {path}: every free loop device was taken by another attacher "
+        f"({ATTACH_ATTEMPTS} attempts; last error: {last_error})"
+    )
+
+
+def detach(device: str) -> None:
+    """Detach ``device``; a device that is already free (or absent) is fine.
+
+    Raises FailedPrecondition naming the device when it stays in use (mounted,
+    held, or open by another process) for ``DETACH_WAIT_SECONDS``.
+    """
+    _number(device)
+    deadline = time.monotonic() + DETACH_WAIT_SECONDS
+    while True:
+        try:
+            # O_EXCL fails with EBUSY while a filesystem or a holder claims it.
+            fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            if exc.errno != errno.EBUSY:
+                raise Internal(f"cannot open {device} to detach it: {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise FailedPrecondition(
+                    f"loop device {device} is in use (mounted or held); not detaching it"
+                ) from None
+            time.sleep(0.02)
+            continue
+        try:
+            try:
+                fcntl.ioctl(fd, LOOP_CLR_FD)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return
+                if exc.errno != errno.EBUSY:
+                    raise Internal(f"LOOP_CLR_FD on {device} failed: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise FailedPrecondition(
+                        f"loop device {device} is busy; not detaching it"
+                    ) from exc
+                time.sleep(0.02)
+                continue
+        finally:
+            os.close(fd)
+        if _wait_cleared(device, deadline):
+            log.debug("detached %s", device)
+            return
+        raise FailedPrecondition(
+            f"loop device {device} is held open by another process; not detaching it lazily"
+        )
+
+
+def _wait_cleared(device: str, deadline: float) -> bool:
+    """After LOOP_CLR_FD: wait for the unbind; on timeout take autoclear back."""
+    while True:
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO):
+                return True
+            raise Internal(f"cannot reopen {device} after detaching: {exc}") from exc
+        try:
+            info = _get_status(fd)
+            if info is None:
+                return True
+            if not info.lo_flags & LO_FLAGS_AUTOCLEAR:
+                return False  # re-attached by someone else meanwhile: not ours to touch
+            if time.monotonic() >= deadline:
+                # Still open elsewhere: the kernel would clear it on last close, which is
+                # a lazy detach.  Undo that and report the device busy.
+                info.lo_flags &= ~LO_FLAGS_AUTOCLEAR
+                try:
+                    fcntl.ioctl(fd, LOOP_SET_STATUS64, info)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        return True
+                    log.error("could not take back autoclear on %s: %s", device, exc)
+                return False
+        finally:
+            os.close(fd)
+        time.sleep(0.01)
+
+
+def _sys_loop_dir(number: int) -> Path:
+    return SYS_BLOCK / f"loop{number}" / "loop"
+
+
+def backing_file(device: str) -> str | None:
+    """The backing file's path (sysfs; " (deleted)" suffix kept), None when free."""
+    try:
+        return (_sys_loop_dir(_number(device)) / "backing_file").read_text().rstrip("\n")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _status_of(device: str) -> LoopInfo64 | None:
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENXIO):
+            return None
+        raise Internal(f"cannot open {device}: {exc}") from exc
+    try:
+        return _get_status(fd)
+    except OSError as exc:
+        raise Internal(f"LOOP_GET_STATUS64 on {device} failed: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _bound_numbers() -> list[int]:
+    numbers = []
+    try:
+        names = os.listdir(SYS_BLOCK)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        # /sys/block/loopN/loop exists only while a file is bound.
+        if name.startswith("loop") and name[4:].isdigit() and (SYS_BLOCK / name / "loop").is_dir():
+            numbers.append(int(name[4:]))
+    return sorted(numbers)
+
+
+def list_attached() -> list[LoopInfo]:
+    """Every loop device that has a backing file, in device-number order."""
+    result = []
+    for number in _bound_numbers():
+        device = f"/dev/loop{number}"
+        try:
+            info = _status_of(_ensure_node(number))
+        except (Internal, OSError):
+            continue
+        if info is None:
+            continue
+        result.append(
+            LoopInfo(
+                device=device,
+                number=number,
+                backing_file=backing_file(device),
+                backing_dev=_decode_dev(info.lo_device),
+                backing_inode=info.lo_inode,
+                offset=info.lo_offset,
+                size_limit=info.lo_sizelimit,
+                flags=info.lo_flags,
+            )
+        )
+    return result
+
+
+def find_by_backing_file(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``, matched by device and inode.
+
+    When ``path`` no longer exists, devices whose sysfs backing file reads
+    "<path> (deleted)" are returned instead.
+    """
+    absolute = os.path.abspath(path)
+    try:
+        st = os.stat(absolute)
+    except FileNotFoundError:
+        gone = f"{absolute} (deleted)"
+        return [f"/dev/loop{n}" for n in _bound_numbers() if backing_file(f"/dev/loop{n}") == gone]
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev))
+    return [
+        info.device
+        for info in list_attached()
+        if info.backing_inode == st.st_ino and info.backing_dev == wanted
+    ]
+
+
+def refresh_capacity(device: str) -> None:
+    """Make the kernel re-read the backing file's size (after growing it)."""
+    _number(device)
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"loop device {device} does not exist") from None
+    try:
+        fcntl.ioctl(fd, LOOP_SET_CAPACITY)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise FailedPrecondition(f"loop device {device} has no backing file") from exc
+        raise Internal(f"LOOP_SET_CAPACITY on {device} failed: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def device_size(device: str) -> int:
+    """Size in bytes of a block device (BLKGETSIZE64)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise NotFound(f"block device {device} does not exist") from None
+    except OSError as exc:
+        raise Internal(f"cannot open {device}: {exc}") from exc
+    try:
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+    except OSError as exc:
+        raise Internal(f"BLKGETSIZE64 on {device} failed: {exc}") from exc
+    finally:
+        os.close(fd)
+    return int(struct.unpack("=Q", buf)[0])

@@ -1,0 +1,116 @@
+"""csi_driver.loop on real loop devices (root)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from csi_driver import loop
+from plugin_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+from .conftest import Scratch, open_fd
+
+MiB = 1 << 20
+
+
+def test_attach_with_direct_io_find_and_detach(scratch: Scratch):
+    image = scratch.image("a.img", 64 * MiB)
+    device = scratch.attach(image)
+    assert device.startswith("/dev/loop")
+    assert loop.backing_file(device) == image
+    assert loop.device_size(device) == 64 * MiB
+    assert loop.find_by_backing_file(image) == [device]
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert info.direct_io and not info.autoclear and not info.read_only
+    with open(f"/sys/block/{device[5:]}/loop/dio") as handle:
+        assert handle.read().strip() == "1"
+    loop.detach(device)
+    assert loop.backing_file(device) is None
+    assert loop.find_by_backing_file(image) == []
+    loop.detach(device)  # idempotent on a free device
+
+
+def test_find_by_backing_file_follows_renames_and_deletion(scratch: Scratch):
+    image = scratch.image("b.img", 8 * MiB)
+    other = scratch.image("other.img", 8 * MiB)
+    device = scratch.attach(image)
+    scratch.attach(other)
+    renamed = scratch.path("renamed.img")
+    os.rename(image, renamed)
+    assert loop.find_by_backing_file(renamed) == [device]
+    assert loop.find_by_backing_file(image) == []
+    os.unlink(renamed)
+    assert loop.backing_file(device) == f"{renamed} (deleted)"
+    assert loop.find_by_backing_file(renamed) == [device]
+
+
+def test_refresh_capacity_after_growing_the_file(scratch: Scratch):
+    image = scratch.image("grow.img", 16 * MiB)
+    device = scratch.attach(image)
+    os.truncate(image, 48 * MiB)
+    assert loop.device_size(device) == 16 * MiB
+    loop.refresh_capacity(device)
+    assert loop.device_size(device) == 48 * MiB
+
+
+def test_read_only_attach_refuses_writes(scratch: Scratch):
+    image = scratch.image("ro.img", 8 * MiB)
+    device = scratch.attach(image, read_only=True)
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert info.read_only
+    with open_fd(device, os.O_WRONLY) as fd, pytest.raises(OSError):
+        os.pwrite(fd, b"x" * 4096, 0)
+
+
+def test_data_written_through_the_device_lands_in_the_file(scratch: Scratch):
+    image = scratch.image("data.img", 8 * MiB)
+    device = scratch.attach(image)
+    block = os.urandom(4096)
+    with open_fd(device, os.O_WRONLY) as fd:
+        os.pwrite(fd, block, 4096)
+        os.fsync(fd)
+    with open(image, "rb") as handle:
+        handle.seek(4096)
+        assert handle.read(4096) == block
+
+
+def test_detach_of_a_device_held_open_is_refused_not_lazy(scratch: Scratch, monkeypatch):
+    monkeypatch.setattr(loop, "DETACH_WAIT_SECONDS", 0.3)
+    image = scratch.image("busy.img", 8 * MiB)
+    device = scratch.attach(image)
+    with open_fd(device), pytest.raises(FailedPrecondition, match=device):
+        loop.detach(device)
+    # Still attached, and the kernel's deferred "clear on last close" was taken back.
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert not info.autoclear
+    assert loop.backing_file(device) == image
+
+
+def test_concurrent_attaches_get_distinct_devices(scratch: Scratch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [scratch.image(f"c{i}.img", 4 * MiB) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(loop.attach, image) for image in images]
+        devices = []
+        errors = []
+        for future in futures:
+            try:
+                devices.append(future.result(timeout=30))
+            except Exception as exc:
+                errors.append(exc)
+    scratch.devices.extend(devices)
+    assert not errors
+    assert len(set(devices)) == 8
+    for image, device in zip(images, devices, strict=True):
+        assert loop.find_by_backing_file(image) == [device]
+
+
+def test_bad_inputs(scratch: Scratch):
+    with pytest.raises(NotFound, match=r"missing\.img"):
+        loop.attach(scratch.path("missing.img"))
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        loop.attach(scratch.root)
+    with pytest.raises(InvalidArgument, match="loop device"):
+        loop.detach("/dev/sda")
