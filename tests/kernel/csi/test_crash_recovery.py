@@ -32,6 +32,7 @@ import grpc
 import pytest
 
 from csi_driver._proto import csi_pb2
+from csi_driver.faults import CRASH_POINTS
 from plugin_runtime import commands
 from tests.grpc.csi.driver_harness import (
     Csi,
@@ -43,12 +44,7 @@ from tests.grpc.csi.driver_harness import (
     mounts_under,
 )
 
-try:
-    from csi_driver import faults
-
-    POINTS: tuple[str, ...] = tuple(faults.CRASH_POINTS)
-except ImportError:  # the contract, for when the hook has not landed yet
-    POINTS = ()
+POINTS: tuple[str, ...] = tuple(CRASH_POINTS)
 
 SIZE = 64 * MiB
 CAP = mount_cap(fs_type="ext4")
