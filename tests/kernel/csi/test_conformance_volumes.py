@@ -42,6 +42,23 @@ NodeCap = csi_pb2.NodeServiceCapability.RPC.Type
 KINDS = ["mount", "block"]
 REPEAT = 3  # csi-sanity repeats 10x; 3 is enough to catch non-idempotence cheaply
 SIZE = 64 * MiB
+XFS_SIZE = 320 * MiB  # mkfs.xfs refuses filesystems under 300 MiB
+
+# (access kind, fs type, size) for the tests that depend on the filesystem.
+FLAVOURS = [("mount", "ext4", SIZE), ("mount", "xfs", XFS_SIZE), ("block", "", SIZE)]
+FLAVOUR_IDS = ["ext4", "xfs", "block"]
+
+
+def _has_cap_sys_resource() -> bool:
+    """Online ext4 growth (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE; some
+    sandboxes drop it even for root, and the driver must then say so clearly."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+HAS_SYS_RESOURCE = _has_cap_sys_resource()
 
 
 def _is_mountpoint(path: str) -> bool:
@@ -52,11 +69,11 @@ class Vol:
     """One volume and the kubelet paths it is used at."""
 
     def __init__(self, csi: Csi, kubelet: KubeletLayout, name: str, kind: str,
-                 size: int = SIZE, **create: Any) -> None:
+                 size: int = SIZE, fs_type: str = "", **create: Any) -> None:
         self.csi, self.kind, self.name = csi, kind, name
-        self.volume = csi.create(name, size=size, kind=kind, **create)
+        self.volume = csi.create(name, size=size, kind=kind, fs_type=fs_type, **create)
         self.id = self.volume.volume_id
-        self.cap = cap_for(kind)
+        self.cap = cap_for(kind, fs_type=fs_type)
         self.staging, self.target = kubelet.paths(kind, self.id, name, "pod-" + name[-12:])
         self.kubelet = kubelet
 
@@ -421,28 +438,33 @@ def _size_seen(kind: str, target: str) -> int:
     return st.f_blocks * st.f_frsize
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_online_expansion(make_vol: Any, kind: str):
-    vol = make_vol(kind)
+@pytest.mark.parametrize(("kind", "fs_type", "size"), FLAVOURS, ids=FLAVOUR_IDS)
+def test_online_expansion(make_vol: Any, kind: str, fs_type: str, size: int):
+    vol = make_vol(kind, size=size, fs_type=fs_type)
     csi = vol.csi
     vol.stage()
     vol.publish()
     digest = _write_and_checksum(vol, vol.target, os.urandom(128 * 1024))
     before = _size_seen(kind, vol.target)
-    new = 2 * SIZE
+    new = 2 * size
     cr = csi_pb2.CapacityRange(required_bytes=new)
     for _ in range(REPEAT):
         resp = csi.controller.ControllerExpandVolume(
             csi_pb2.ControllerExpandVolumeRequest(volume_id=vol.id, capacity_range=cr,
                                                   volume_capability=vol.cap), timeout=120)
         assert resp.capacity_bytes >= new
+    node_request = csi_pb2.NodeExpandVolumeRequest(
+        volume_id=vol.id, volume_path=vol.target, staging_target_path=vol.staging,
+        capacity_range=cr, volume_capability=vol.cap)
+    if fs_type == "ext4" and not HAS_SYS_RESOURCE:
+        # The spec's answer when the filesystem cannot grow while published.
+        message = expect_code(Code.FAILED_PRECONDITION, csi.node.NodeExpandVolume, node_request)
+        assert "CAP_SYS_RESOURCE" in message
+        assert _read_checksum(kind, vol.target, 128 * 1024) == digest
+        return
     for _ in range(REPEAT):
-        node = csi.node.NodeExpandVolume(
-            csi_pb2.NodeExpandVolumeRequest(volume_id=vol.id, volume_path=vol.target,
-                                            staging_target_path=vol.staging,
-                                            capacity_range=cr, volume_capability=vol.cap),
-            timeout=120)
-        assert node.capacity_bytes in (0, new) or node.capacity_bytes >= new
+        node = csi.node.NodeExpandVolume(node_request, timeout=120)
+        assert node.capacity_bytes == 0 or node.capacity_bytes >= new
     after = _size_seen(kind, vol.target)
     assert after > before
     if kind == "block":
@@ -451,14 +473,14 @@ def test_online_expansion(make_vol: Any, kind: str):
     # Asking for less than the current size is already satisfied.
     small = csi.controller.ControllerExpandVolume(
         csi_pb2.ControllerExpandVolumeRequest(
-            volume_id=vol.id, capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE)),
+            volume_id=vol.id, capacity_range=csi_pb2.CapacityRange(required_bytes=size)),
         timeout=60)
     assert small.capacity_bytes >= new
     # A limit below the current size cannot be met.
     expect_code(Code.OUT_OF_RANGE, csi.controller.ControllerExpandVolume,
                 csi_pb2.ControllerExpandVolumeRequest(
                     volume_id=vol.id,
-                    capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE, limit_bytes=SIZE)))
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=size, limit_bytes=size)))
     listed = csi.controller.ControllerGetVolume(
         csi_pb2.ControllerGetVolumeRequest(volume_id=vol.id), timeout=30)
     assert listed.volume.capacity_bytes >= new
@@ -474,9 +496,11 @@ def _snap(csi: Csi, source: str, name: str) -> Any:
         csi_pb2.CreateSnapshotRequest(source_volume_id=source, name=name), timeout=120).snapshot
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_snapshot_restore_and_clone(make_vol: Any, kind: str, unique: Any):
-    vol = make_vol(kind)
+@pytest.mark.parametrize(("kind", "fs_type", "size"), FLAVOURS, ids=FLAVOUR_IDS)
+def test_snapshot_restore_and_clone(
+    make_vol: Any, kind: str, fs_type: str, size: int, unique: Any
+):
+    vol = make_vol(kind, size=size, fs_type=fs_type)
     csi = vol.csi
     vol.stage()
     vol.publish()
@@ -487,13 +511,13 @@ def test_snapshot_restore_and_clone(make_vol: Any, kind: str, unique: Any):
         assert snap.ready_to_use
         assert snap.source_volume_id == vol.id
         assert snap.snapshot_id
-        assert snap.size_bytes in (0, SIZE) or snap.size_bytes > 0
+        assert snap.size_bytes == size
         assert snap.creation_time.seconds > 0
         for _ in range(REPEAT):
             again = _snap(csi, vol.id, name)
             assert again.snapshot_id == snap.snapshot_id
             assert again.creation_time == snap.creation_time
-        other = make_vol(kind)
+        other = make_vol(kind, size=size, fs_type=fs_type)
         expect_code(Code.ALREADY_EXISTS, csi.controller.CreateSnapshot,
                     csi_pb2.CreateSnapshotRequest(source_volume_id=other.id, name=name))
         got = csi.controller.GetSnapshot(
@@ -514,23 +538,36 @@ def test_snapshot_restore_and_clone(make_vol: Any, kind: str, unique: Any):
             snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id))
         from_vol = csi_pb2.VolumeContentSource(
             volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vol.id))
-        for source, size in ((from_snap, SIZE), (from_snap, 2 * SIZE), (from_vol, SIZE)):
-            restored = make_vol(kind, size=size, source=source)
-            assert restored.volume.capacity_bytes == size
+        for source, new_size in ((from_snap, size), (from_snap, 2 * size), (from_vol, size)):
+            restored = make_vol(kind, size=new_size, fs_type=fs_type, source=source)
+            assert restored.volume.capacity_bytes == new_size
             assert restored.volume.content_source == source
+            if new_size > size and fs_type == "ext4" and not HAS_SYS_RESOURCE:
+                # The driver grows the restored filesystem after mounting it, which
+                # needs CAP_SYS_RESOURCE for ext4; without it the answer must be clear.
+                message = expect_code(Code.FAILED_PRECONDITION, csi.node.NodeStageVolume,
+                                      csi_pb2.NodeStageVolumeRequest(
+                                          volume_id=restored.id,
+                                          staging_target_path=restored.staging,
+                                          volume_capability=restored.cap))
+                assert "CAP_SYS_RESOURCE" in message
+                assert not _is_mountpoint(restored.staging), "a failed stage left its mount"
+                continue
             restored.stage()
             restored.publish()
             assert _read_checksum(kind, restored.target, 512 * 1024) == digest
+            if kind == "mount" and new_size > size:
+                assert _size_seen(kind, restored.target) > _size_seen(kind, vol.target)
         # A restore smaller than the snapshot cannot hold it.
         expect_ok_or({Code.OUT_OF_RANGE, Code.INVALID_ARGUMENT}, csi.controller.CreateVolume,
                      csi_pb2.CreateVolumeRequest(
                          name=unique("pvc"), volume_capabilities=[vol.cap],
-                         capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE // 2,
-                                                              limit_bytes=SIZE // 2),
+                         capacity_range=csi_pb2.CapacityRange(required_bytes=size // 2,
+                                                              limit_bytes=size // 2),
                          volume_content_source=from_snap))
         # The snapshot survives deletion of its source.
         vol.teardown()
-        survivor = make_vol(kind, source=from_snap)
+        survivor = make_vol(kind, size=size, fs_type=fs_type, source=from_snap)
         survivor.stage()
         survivor.publish()
         assert _read_checksum(kind, survivor.target, 512 * 1024) == digest
