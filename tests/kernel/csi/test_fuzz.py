@@ -40,7 +40,7 @@ from tests.grpc.csi.driver_harness import (
     running_driver,
 )
 
-EXAMPLES = 60
+EXAMPLES = 100
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
