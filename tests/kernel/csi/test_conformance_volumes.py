@@ -31,6 +31,7 @@ from tests.grpc.csi.driver_harness import (
     cap_for,
     expect_code,
     expect_ok_or,
+    loops_backed_by,
     mount_cap,
     mounts_under,
     topology,
@@ -672,3 +673,87 @@ def test_kubelet_like_block_flow(csi: Csi, kubelet: KubeletLayout, unique: Any):
     finally:
         _teardown(csi, vid, staging, target)
 
+
+
+# ---------------------------------------------------------------------------
+# Health, concurrency, mount options
+# ---------------------------------------------------------------------------
+
+
+def test_volume_condition_turns_abnormal_when_the_backing_file_goes(
+    make_vol: Any, driver: DriverProcess
+):
+    vol = make_vol("mount")
+    vol.stage()
+    vol.publish()
+    stats = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.id, volume_path=vol.target)
+    assert not vol.csi.node.NodeGetVolumeStats(stats, timeout=30).volume_condition.abnormal
+    images = [p for p in driver.state_dir.rglob("*")
+              if vol.id in p.name and p.is_file() and p.stat().st_size >= SIZE]
+    assert len(images) == 1, f"expected one image file for {vol.id}: {images}"
+    images[0].unlink()  # the loop device keeps the inode; the file is gone
+    cond = vol.csi.node.NodeGetVolumeStats(stats, timeout=30).volume_condition
+    assert cond.abnormal and cond.message
+    got = vol.csi.controller.ControllerGetVolume(
+        csi_pb2.ControllerGetVolumeRequest(volume_id=vol.id), timeout=30)
+    assert got.status.volume_condition.abnormal
+    listed = vol.csi.controller.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
+    entry = next(e for e in listed.entries if e.volume.volume_id == vol.id)
+    assert entry.status.volume_condition.abnormal
+    # The CO can still tear it down, and nothing stays attached.
+    loops_before = loops_backed_by(driver.state_dir)
+    vol.csi.unpublish(vol.id, vol.target)
+    vol.csi.unstage(vol.id, vol.staging)
+    vol.csi.delete(vol.id)
+    assert len(loops_backed_by(driver.state_dir)) == len(loops_before) - 1
+
+
+def test_concurrent_creates_of_one_name_make_one_volume(csi: Csi, unique: Any):
+    name = unique("pvc")
+    before = {e.volume.volume_id for e in csi.controller.ListVolumes(
+        csi_pb2.ListVolumesRequest(), timeout=30).entries}
+    request = csi_pb2.CreateVolumeRequest(
+        name=name, volume_capabilities=[mount_cap()],
+        capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE, limit_bytes=SIZE))
+    futures = [csi.controller.CreateVolume.future(request, timeout=120) for _ in range(64)]
+    ids: set[str] = set()
+    codes: list[grpc.StatusCode] = []
+    for future in futures:
+        try:
+            ids.add(future.result().volume.volume_id)
+            codes.append(Code.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    try:
+        assert set(codes) <= {Code.OK, Code.ABORTED}, codes
+        assert Code.OK in codes
+        assert len(ids) == 1, f"one name made {len(ids)} volumes"
+        after = {e.volume.volume_id for e in csi.controller.ListVolumes(
+            csi_pb2.ListVolumesRequest(), timeout=30).entries}
+        assert after - before == ids
+    finally:
+        for vid in ids:
+            csi.delete(vid)
+
+
+def test_mount_flags_pass_through_and_are_checked(make_vol: Any):
+    # The kubelet passes the PV's mountOptions in both NodeStage and NodePublish.
+    vol = make_vol("mount")
+    cap = mount_cap(flags=("noatime",))
+    vol.stage(cap)
+    vol.publish(cap=cap)
+    with open("/proc/self/mountinfo") as handle:
+        lines = [line.split() for line in handle]
+    options = next(f[5] for f in lines if f[4] == vol.target)
+    assert "noatime" in options.split(",")
+    vol.csi.unpublish(vol.id, vol.target)
+    for bad in ("no-such-option", "journal_path=/dev/sda", "x-mount.mkdir"):
+        expect_code(Code.INVALID_ARGUMENT, vol.csi.node.NodePublishVolume,
+                    csi_pb2.NodePublishVolumeRequest(
+                        volume_id=vol.id, staging_target_path=vol.staging,
+                        target_path=vol.target, volume_capability=mount_cap(flags=(bad,))))
+        expect_code(Code.INVALID_ARGUMENT, vol.csi.node.NodeStageVolume,
+                    csi_pb2.NodeStageVolumeRequest(
+                        volume_id=vol.id, staging_target_path=vol.staging + "-other",
+                        volume_capability=mount_cap(flags=(bad,))))
+        assert not os.path.lexists(vol.target)
