@@ -476,3 +476,35 @@ def test_crash_and_recover(bed: Bed, point: str):
 
     # The bystander never noticed.
     assert _sha_file(os.path.join(bed.bystander_target, "precious.bin")) == bed.bystander_digest
+
+
+def test_simulated_reboot_restages_with_data_intact(bed: Bed):
+    """A reboot drops every mount and loop device; the kubelet then calls NodeStage and
+    NodePublish again with the same paths.  The driver must bring the data back."""
+    driver = bed.driver
+    if not driver.alive():
+        driver.start()
+    scene = Scene(driver, bed.kubelet, "reboot")
+    scene.loops_before = loops_backed_by(driver.state_dir)
+    _create_published(scene)
+    vid = scene.volumes[0]
+    digest = scene.digest
+    os.sync()
+    # The reboot: the driver dies, then our mounts and our loop devices vanish.
+    driver.kill9()
+    ours = [m for m in mounts_under(driver.kubelet_root) if "reboot" in m or
+            hashlib.sha256(vid.encode()).hexdigest() in m]
+    for point in sorted(ours, key=len, reverse=True):
+        commands.run(["umount", point], timeout=30)
+    attached_before = set(loops_backed_by(driver.state_dir)) - set(scene.loops_before)
+    for loop in attached_before:
+        commands.run(["losetup", "-d", loop], timeout=30)
+    assert not os.path.ismount(scene.staging)
+    driver.start()
+    # The kubelet's retries after boot: stage and publish at the same paths.
+    scene.csi.stage(vid, scene.staging, scene.cap)
+    scene.csi.publish(vid, scene.staging, scene.target, scene.cap)
+    assert scene.read_digest() == digest
+    _teardown(scene)
+    assert loops_backed_by(driver.state_dir) == scene.loops_before
+    assert _sha_file(os.path.join(bed.bystander_target, "precious.bin")) == bed.bystander_digest
