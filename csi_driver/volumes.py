@@ -164,6 +164,10 @@ class VolumeService:
         self.default_pool = pools[0].name
         self.locks = locks or KeyedLocks(config.lock_wait_seconds)
         self.kubelet_root = _norm(config.kubelet_root)
+        for pool in pools:
+            adopt = getattr(pool, "adopt", None)
+            if adopt is not None:
+                adopt(store.volumes())
         # Set by snapshots.SnapshotService: a context that keeps a staged source volume's
         # filesystem frozen while its image is copied (clones).
         self.copy_source: Callable[[VolumeRecord], AbstractContextManager[None]] | None = None
@@ -373,6 +377,10 @@ class VolumeService:
                 raise NotFound(f"source volume {req.source_volume} does not exist")
             source_size = src.capacity_bytes
             self._check_source(src.pool, src.fs_type, src.block, place, "volume")
+        if (req.source_snapshot or req.source_volume) and not place.pool.supports_snapshots:
+            raise InvalidArgument(
+                f"pool {place.pool.name} hands out whole disks: it cannot restore or clone"
+            )
         if source_size > size:
             if req.limit_bytes and source_size > req.limit_bytes:
                 raise OutOfRange(
@@ -454,6 +462,10 @@ class VolumeService:
         except DomainError:
             self._abandon(rec)
             raise
+        if pool.kind != "image":
+            # Which disk holds the volume is not derivable from the id: make it durable
+            # before the disk is written, so a crash cannot leave an unclaimed formatted disk.
+            self.store.put_volume(rec)
         crash_point("create.after_copy" if source else "create.after_image")
         if source is not None and rec.fs_type:
             # A copy of a smaller filesystem: the image is larger, the fs grows at stage.
