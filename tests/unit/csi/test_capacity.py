@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from csi_driver.pools.base import align_up, compute_capacity, reserve_for
+from typing import Any
+
+from csi_driver.pools.base import Capacity, align_up, compute_capacity, reserve_for
 
 GiB = 1 << 30
 
 
-def cap(**kw):
-    args = {"total": 100 * GiB, "free": 60 * GiB, "reserve_bytes": 0, "reserve_percent": 0.0,
+def cap(**kw: Any) -> Capacity:
+    args: dict[str, Any] = {"total": 100 * GiB, "free": 60 * GiB, "reserve_bytes": 0,
+            "reserve_percent": 0.0,
             "thin": False, "overcommit_ratio": 1.0, "provisioned": 0}
     args.update(kw)
     return compute_capacity(**args)

@@ -76,7 +76,8 @@ def test_crash_between_temp_write_and_rename_keeps_the_old_record(tmp_path):
     leftovers = [e for e in os.listdir(s.volume_dir) if ".tmp-" in e]
     assert leftovers, "the crash should have left the fsynced temp file"
     reloaded = Store(str(tmp_path))
-    assert reloaded.volume(rec.id).capacity_bytes == 111
+    again = reloaded.volume(rec.id)
+    assert again is not None and again.capacity_bytes == 111
     assert not [e for e in os.listdir(s.volume_dir) if ".tmp-" in e]
 
 
@@ -104,7 +105,12 @@ def test_torn_temp_file_and_unreadable_record_are_ignored_not_deleted(tmp_path):
 def test_write_atomically_fsyncs_the_directory(tmp_path, monkeypatch):
     synced = []
     real = store_mod.fsync_dir
-    monkeypatch.setattr(store_mod, "fsync_dir", lambda d: (synced.append(d), real(d)))
+
+    def spy(directory):
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(store_mod, "fsync_dir", spy)
     store_mod.write_atomically(str(tmp_path / "x.json"), b"{}")
     assert synced == [str(tmp_path)]
     assert (tmp_path / "x.json").read_bytes() == b"{}"
