@@ -729,6 +729,13 @@ class VolumeService:
             raise FailedPrecondition(
                 f"volume {rec.id} holds {found}; it cannot be mounted as {fs_type}"
             )
+        if rec.fs_grow_pending and fs_type == "ext4":
+            # ext4 grows offline before the mount: no CAP_SYS_RESOURCE needed (the online
+            # resize ioctl needs it, and some runtimes drop it even for privileged pods).
+            self.pool_of(rec).refresh(rec)
+            filesystems.grow_filesystem(fs_type, device, None)
+            rec.fs_grow_pending = False
+            self.store.put_volume(rec)
         options = list(flags)
         if fs_type == "xfs" and rec.nouuid and "nouuid" not in options:
             options.append("nouuid")
