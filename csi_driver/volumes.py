@@ -164,6 +164,10 @@ class VolumeService:
         self.default_pool = pools[0].name
         self.locks = locks or KeyedLocks(config.lock_wait_seconds)
         self.kubelet_root = _norm(config.kubelet_root)
+        for pool in pools:
+            adopt = getattr(pool, "adopt", None)
+            if adopt is not None:
+                adopt(store.volumes())
         # Set by snapshots.SnapshotService: a context that keeps a staged source volume's
         # filesystem frozen while its image is copied (clones).
         self.copy_source: Callable[[VolumeRecord], AbstractContextManager[None]] | None = None
@@ -373,6 +377,10 @@ class VolumeService:
                 raise NotFound(f"source volume {req.source_volume} does not exist")
             source_size = src.capacity_bytes
             self._check_source(src.pool, src.fs_type, src.block, place, "volume")
+        if (req.source_snapshot or req.source_volume) and not place.pool.supports_snapshots:
+            raise InvalidArgument(
+                f"pool {place.pool.name} hands out whole disks: it cannot restore or clone"
+            )
         if source_size > size:
             if req.limit_bytes and source_size > req.limit_bytes:
                 raise OutOfRange(
@@ -454,6 +462,10 @@ class VolumeService:
         except DomainError:
             self._abandon(rec)
             raise
+        if pool.kind != "image":
+            # Which disk holds the volume is not derivable from the id: make it durable
+            # before the disk is written, so a crash cannot leave an unclaimed formatted disk.
+            self.store.put_volume(rec)
         crash_point("create.after_copy" if source else "create.after_image")
         if source is not None and rec.fs_type:
             # A copy of a smaller filesystem: the image is larger, the fs grows at stage.
@@ -495,8 +507,7 @@ class VolumeService:
             pool = self.pool_of(rec)
             device = pool.attached_device(rec)
             if device:
-                major, minor = _major_minor(device)
-                users = mounts.mounts_of_device(major, minor)
+                users = _Owned.of(device).mounts()
                 if users:
                     raise FailedPrecondition(
                         f"volume {volume_id} is mounted at {users[0].mount_point} "
@@ -703,10 +714,9 @@ class VolumeService:
         flags: list[str],
         cap: Capability,
     ) -> None:
-        major, minor = _major_minor(device)
         current = mounts.find_mount(path) if os.path.exists(path) else None
         if current is not None:
-            if (current.major, current.minor) == (major, minor):
+            if _Owned.of(device).matches(current):
                 self._grow_if_pending(rec, device, path, fs_type)
                 return
             raise AlreadyExists(f"something else ({current.source}) is mounted at {path}")
@@ -719,6 +729,13 @@ class VolumeService:
             raise FailedPrecondition(
                 f"volume {rec.id} holds {found}; it cannot be mounted as {fs_type}"
             )
+        if rec.fs_grow_pending and fs_type == "ext4":
+            # ext4 grows offline before the mount: no CAP_SYS_RESOURCE needed (the online
+            # resize ioctl needs it, and some runtimes drop it even for privileged pods).
+            self.pool_of(rec).refresh(rec)
+            filesystems.grow_filesystem(fs_type, device, None)
+            rec.fs_grow_pending = False
+            self.store.put_volume(rec)
         options = list(flags)
         if fs_type == "xfs" and rec.nouuid and "nouuid" not in options:
             options.append("nouuid")
@@ -750,10 +767,10 @@ class VolumeService:
             pool = self.pool_of(rec)
             device = pool.attached_device(rec)
             if device is not None:
-                major, minor = _major_minor(device)
-                self._unmount_ours(path, _Owned({(major, minor)}, set()))
+                ours = _Owned.of(device)
+                self._unmount_ours(path, ours)
                 crash_point("unstage.after_unmount")
-                others = mounts.mounts_of_device(major, minor)
+                others = ours.mounts()
                 if others:
                     raise FailedPrecondition(
                         f"volume {volume_id} is still mounted at {others[0].mount_point}"
@@ -831,16 +848,16 @@ class VolumeService:
                     f"volume {volume_id} is recorded as staged but its device is not attached; "
                     "stage it again"
                 )
-            major, minor = _major_minor(device)
+            ours = _Owned.of(device)
             if not cap.block:
                 current = mounts.find_mount(staging)
-                if current is None or (current.major, current.minor) != (major, minor):
+                if current is None or not ours.matches(current):
                     raise FailedPrecondition(
                         f"volume {volume_id} is not mounted at {staging}; stage it again"
                     )
             self._bind(target, source=staging if not cap.block else device, block=cap.block,
                        readonly=readonly, flags=flags,
-                       ours=_Owned({(major, minor)}, {os.path.basename(device)}))
+                       ours=ours)
             if cap.mount_group and not cap.block:
                 _apply_group(target, cap.mount_group)
             if existing != wanted:
@@ -908,8 +925,8 @@ class VolumeService:
     def _owned(self, rec: VolumeRecord) -> _Owned:
         device = self.pool_of(rec).attached_device(rec)
         if device is None:
-            return _Owned(set(), set())
-        return _Owned({_major_minor(device)}, {os.path.basename(device)})
+            return _Owned(set(), set(), set())
+        return _Owned.of(device)
 
     def node_stats(
         self, volume_id: str, volume_path: str, staging_path: str = ""
@@ -997,7 +1014,7 @@ class VolumeService:
             if pool.ready:
                 thin = self.capacity(pool, True)
                 thick = self.capacity(pool, False)
-            detail = getattr(pool, "describe", lambda: {})()
+            detail: dict[str, object] = getattr(pool, "describe", dict)()
             reports.append(PoolReport(pool.name, pool.kind, pool.ready, thin, thick, count,
                                       detail))
         return reports
@@ -1005,16 +1022,28 @@ class VolumeService:
 
 @dataclass
 class _Owned:
-    """Identifies mounts of one volume: its device numbers, or (for a bind of the
-    device node itself, which mountinfo shows as devtmpfs) the node's name."""
+    """Identifies mounts of one volume: its device numbers, its device path as the
+    mount source (btrfs), or (for a bind of the device node itself, which
+    mountinfo shows as devtmpfs) the node's name."""
 
     devices: set[tuple[int, int]]
     names: set[str]
+    sources: set[str]
+
+    @classmethod
+    def of(cls, device: str) -> _Owned:
+        return cls({_major_minor(device)}, {os.path.basename(device)}, {device})
 
     def matches(self, entry: mounts.MountEntry) -> bool:
         if (entry.major, entry.minor) in self.devices:
             return True
-        return bool(self.names) and entry.root.rsplit("/", 1)[-1] in self.names
+        if entry.source in self.sources:  # btrfs shows an anonymous st_dev, not the loop's
+            return True
+        return entry.fs_type in ("devtmpfs", "tmpfs") and \
+            entry.root.rsplit("/", 1)[-1] in self.names
+
+    def mounts(self) -> list[mounts.MountEntry]:
+        return [e for e in mounts.read_mounts() if self.matches(e)]
 
 
 class _NullLock:

@@ -173,7 +173,8 @@ class ImagePool:
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         found: list[Orphan] = []
-        mine = {self.image_path(r.id): r for r in records if r.pool == self.name}
+        mine = {self.image_path(r.id): r for r in records if r.pool == self.name
+                and (not r.backing or r.backing.startswith(self.path + "/"))}
         for directory, known in ((self.volume_dir, set(mine)), (self.snapshot_dir, snapshot_paths)):
             try:
                 entries = sorted(os.listdir(directory))

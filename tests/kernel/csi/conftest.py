@@ -21,11 +21,17 @@ from csi_driver import loop, mounts
 
 @dataclass
 class Scratch:
-    """A private /tmp directory plus the loop devices and mounts made in it."""
+    """A private /tmp directory plus the loop devices and mounts made in it.
+
+    ``devices`` and ``mount_points`` may be appended to directly; teardown undoes
+    everything in the reverse order of creation (a loop device backed by a file
+    on a mounted filesystem goes before that filesystem's unmount).
+    """
 
     root: str
     devices: list[str] = field(default_factory=list)
     mount_points: list[str] = field(default_factory=list)
+    _order: list[tuple[str, str]] = field(default_factory=list)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -39,6 +45,7 @@ class Scratch:
     def attach(self, image: str, **kwargs: bool) -> str:
         device = loop.attach(image, **kwargs)
         self.devices.append(device)
+        self._order.append(("loop", device))
         return device
 
     def directory(self, name: str) -> str:
@@ -50,28 +57,37 @@ class Scratch:
         target = self.directory(name)
         mounts.mount(device, target, fs_type, options)
         self.mount_points.append(target)
+        self._order.append(("mount", target))
         return target
 
     def bind(self, source: str, name: str, *, read_only: bool = False) -> str:
         target = self.directory(name)
         mounts.bind_mount(source, target, read_only=read_only)
         self.mount_points.append(target)
+        self._order.append(("mount", target))
         return target
 
+    def _undo(self, kind: str, name: str, problems: list[str]) -> None:
+        try:
+            if kind == "loop":
+                loop.detach(name)
+                return
+            while mounts.is_mountpoint(name):
+                mounts.unmount(name)
+        except Exception as exc:
+            problems.append(f"{kind} {name}: {exc}")
+
     def cleanup(self) -> list[str]:
-        problems = []
-        for target in reversed(self.mount_points):
-            while mounts.is_mountpoint(target):
-                try:
-                    mounts.unmount(target)
-                except Exception as exc:
-                    problems.append(f"unmount {target}: {exc}")
-                    break
-        for device in reversed(self.devices):
-            try:
-                loop.detach(device)
-            except Exception as exc:
-                problems.append(f"detach {device}: {exc}")
+        problems: list[str] = []
+        ordered = list(self._order)
+        # Things registered by appending to the public lists directly come first.
+        ordered += [("mount", m) for m in self.mount_points if ("mount", m) not in self._order]
+        ordered += [("loop", d) for d in self.devices if ("loop", d) not in self._order]
+        for kind, name in reversed(ordered):
+            self._undo(kind, name, [])
+        # Second pass reports what still could not be undone (ordering across kinds).
+        for kind, name in reversed(ordered):
+            self._undo(kind, name, problems)
         prefix = self.root + "/"
         if any(e.mount_point.startswith(prefix) for e in mounts.read_mounts()):
             problems.append(f"mounts left under {self.root}; not removing it")
