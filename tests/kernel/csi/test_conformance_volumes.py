@@ -174,6 +174,14 @@ def test_create_is_idempotent_and_exact(csi: Csi, driver: DriverProcess, unique:
             timeout=30)
         assert resp.HasField("confirmed")
         assert list(resp.confirmed.volume_capabilities) == [cap_for(kind)]
+        # A capability the volume cannot offer is not confirmed (and not an error).
+        multi = cap_for(kind, mode=Mode.MULTI_NODE_MULTI_WRITER)
+        refused = csi.controller.ValidateVolumeCapabilities(
+            csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=first.volume_id,
+                                                      volume_capabilities=[multi]),
+            timeout=30)
+        assert not refused.HasField("confirmed")
+        assert refused.message
         got = csi.controller.ControllerGetVolume(
             csi_pb2.ControllerGetVolumeRequest(volume_id=first.volume_id), timeout=30)
         assert got.volume.volume_id == first.volume_id

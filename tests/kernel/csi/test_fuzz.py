@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from tests.grpc.csi.driver_harness import (
     KubeletLayout,
     MiB,
     mount_cap,
+    mounts_under,
     running_driver,
 )
 
@@ -186,12 +188,19 @@ def _set(msg: Any, field: str, value: Any) -> None:
         setattr(msg, field, value)
 
 
+# RPC name -> codes seen, to prove the properties were not vacuous.
+SEEN: dict[str, Counter[str]] = defaultdict(Counter)
+
+
 def _check(w: World, call: Callable[..., Any], request: Any) -> None:
+    rpc = type(request).__name__.removesuffix("Request")
     try:
         result = call(request, timeout=60)
         if hasattr(result, "__iter__") and not hasattr(result, "DESCRIPTOR"):
             list(result)
+        SEEN[rpc]["OK"] += 1
     except grpc.RpcError as err:
+        SEEN[rpc][err.code().name] += 1
         assert err.code() not in FORBIDDEN, f"{err.code().name}: {err.details()} for {request}"
         assert err.code() != grpc.StatusCode.UNAVAILABLE, f"driver gone: {err.details()}"
     assert w.driver.alive(), f"driver died on {request}:\n{w.driver.log_tail()}"
@@ -211,6 +220,16 @@ def test_fuzz_create_volume(world: World):
     @FUZZ
     @given(data=st.data())
     def prop(data: Any) -> None:
+        if data.draw(st.integers(0, 3)) == 0:
+            # A valid request now and then, so the success path is exercised too.
+            valid = csi_pb2.CreateVolumeRequest(
+                name=data.draw(st.sampled_from(["pvc-fuzz-a", "pvc-fuzz-b"])),
+                volume_capabilities=[mount_cap()],
+                capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                parameters=data.draw(st.sampled_from(
+                    [{}, {"pool": "default"}, {"fsType": "ext4", "thin": "true"}])))
+            _check(world, world.csi.controller.CreateVolume, valid)
+            return
         req = csi_pb2.CreateVolumeRequest()
         _set(req, "name", data.draw(st.one_of(HOSTILE, TEXT,
                                               st.sampled_from(["pvc-fuzz-a", "pvc-fuzz-b"]))))
@@ -336,3 +355,15 @@ test_fuzz_node_unstage = _unary("test_fuzz_node_unstage", "node", "NodeUnstageVo
 def test_real_volume_survived(world: World):
     assert Path(world.target, "data").read_text() == "fuzz survivor\n"
     assert world.driver.alive()
+    # Nothing got mounted outside the driver's roots.
+    assert mounts_under(*world.sentinels) == []
+
+
+def test_the_properties_reached_the_driver(world: World):
+    """Guard against vacuous properties: hostile input was refused, valid input accepted."""
+    for rpc in ("CreateVolume", "NodeStageVolume", "NodePublishVolume", "NodeGetVolumeStats",
+                "NodeExpandVolume", "NodeUnpublishVolume", "NodeUnstageVolume"):
+        assert SEEN[rpc]["INVALID_ARGUMENT"] > 0, (rpc, SEEN[rpc])
+    assert SEEN["CreateVolume"]["OK"] > 0, SEEN["CreateVolume"]
+    assert SEEN["NodeGetVolumeStats"]["OK"] > 0, SEEN["NodeGetVolumeStats"]
+    assert sum(SEEN["ListVolumes"].values()) >= EXAMPLES
