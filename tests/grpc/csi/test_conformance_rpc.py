@@ -275,7 +275,8 @@ def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout, volume_
                         volume_id.replace("vol", "snap"))
     for rpc in (
         "ValidateVolumeCapabilities", "ControllerGetVolume", "ControllerExpandVolume",
-        "GetSnapshot", "NodeStageVolume", "NodeGetVolumeStats", "NodeExpandVolume",
+        "GetSnapshot", "NodeStageVolume", "NodePublishVolume", "NodeGetVolumeStats",
+        "NodeExpandVolume",
     ):
         service, method, request = requests[rpc]
         expect_code(Code.NOT_FOUND, _call(csi, service, method), request)

@@ -425,6 +425,11 @@ def test_node_get_volume_stats(make_vol: Any, kind: str, kubelet: KubeletLayout)
         assert by.total == SIZE
     assert resp.HasField("volume_condition")
     assert not resp.volume_condition.abnormal
+    # The spec: volume_path may be any path where the volume was staged or published.
+    staged = vol.csi.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.id, volume_path=vol.staging,
+                                          staging_target_path=vol.staging), timeout=30)
+    assert {u.unit for u in staged.usage} == set(units)
     # An existing path that is not this volume's -> NOT_FOUND.
     elsewhere = kubelet.root / "pods" / "unrelated"
     elsewhere.mkdir(parents=True, exist_ok=True)
