@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     from plugin_runtime.server import ShutdownSignals
 
     configure_logging(args.log_level, args.log_format)
+    _limit_malloc_arenas()
     config = load_config(args.config, args.state_dir)
     if args.kubelet_root:
         config = dataclasses.replace(config, kubelet_root=args.kubelet_root)
@@ -93,6 +94,26 @@ def _serve(args: argparse.Namespace) -> int:
         if endpoint is not None:
             endpoint.stop()
     return 0
+
+
+M_ARENA_MAX = -8
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas before the gRPC workers start.
+
+    By default every thread that allocates may get its own arena (up to 8 per
+    core), which holds on to freed memory; with 16 workers that is most of the
+    driver's growth in RSS.  Two arenas are plenty for a control-plane daemon.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        log.debug("mallopt is not available; keeping the default malloc arenas")
 
 
 def _capacity(cap: Any) -> dict[str, int] | None:

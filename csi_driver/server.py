@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 WORKERS = 16
 
 
+def _trim_heap() -> None:
+    """Give the memory freed while importing and building descriptors back to the OS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
 class Driver:
     def __init__(
         self, config: DriverConfig, node_id: str, state_dir: str, endpoint: str
@@ -65,6 +76,7 @@ class Driver:
             for pool in self.pools:
                 pool.start()
             self.orphans = reconcile.reconcile(self.volumes)
+            _trim_heap()
             self._prepared.set()
             log.info("driver ready: pools %s", ", ".join(p.name for p in self.pools))
         except BaseException as exc:

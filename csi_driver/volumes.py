@@ -623,9 +623,12 @@ class VolumeService:
             raise OutOfRange(
                 f"volume {rec.id} is already {rec.capacity_bytes} bytes, above limit_bytes {limit}"
             )
-        if wanted <= rec.capacity_bytes:
-            return rec.capacity_bytes  # already large enough: idempotent OK
         pool = self.pool_of(rec)
+        if wanted <= rec.capacity_bytes:
+            # Already large enough: OK.  The backing is grown to the recorded size in
+            # case a crash came between recording the new size and growing the image.
+            pool.grow(rec, rec.capacity_bytes)
+            return rec.capacity_bytes
         extra = wanted - rec.capacity_bytes
         with getattr(pool, "alloc_lock", _NULL_LOCK):
             cap = self.capacity(pool, rec.thin)
@@ -721,14 +724,24 @@ class VolumeService:
                 return
             raise AlreadyExists(f"something else ({current.source}) is mounted at {path}")
         os.makedirs(path, mode=0o750, exist_ok=True)
-        found = filesystems.probe_filesystem(device)
-        if found is None:
-            filesystems.make_filesystem(device, fs_type)
-            crash_point("stage.after_mkfs")
-        elif found != fs_type:
-            raise FailedPrecondition(
-                f"volume {rec.id} holds {found}; it cannot be mounted as {fs_type}"
-            )
+        # A volume this driver formatted at CreateVolume with this fs type needs no
+        # probe (blkid is a process spawn on the hot path); anything else is probed
+        # and formatted only when it carries no signature at all.
+        known = rec.formatted and rec.fs_type == fs_type
+        if not known:
+            found = filesystems.probe_filesystem(device)
+            if found is None:
+                if filesystems.has_signature(device):
+                    raise FailedPrecondition(
+                        f"volume {rec.id} carries a signature that is not a filesystem; "
+                        "not formatting it"
+                    )
+                filesystems.make_filesystem(device, fs_type, check_empty=False)
+                crash_point("stage.after_mkfs")
+            elif found != fs_type:
+                raise FailedPrecondition(
+                    f"volume {rec.id} holds {found}; it cannot be mounted as {fs_type}"
+                )
         if rec.fs_grow_pending and fs_type == "ext4":
             # ext4 grows offline before the mount: no CAP_SYS_RESOURCE needed (the online
             # resize ioctl needs it, and some runtimes drop it even for privileged pods).

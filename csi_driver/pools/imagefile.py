@@ -33,6 +33,34 @@ from plugin_runtime.errors import Internal, InvalidArgument, NotFound, ResourceE
 log = logging.getLogger(__name__)
 
 
+SYS_BLOCK = "/sys/block"
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``, read from sysfs alone.
+
+    No device node is opened, so concurrent operations never look like holders to
+    a detach that waits for the last close (``loop.find_by_backing_file`` opens
+    every bound device for its status).  The pool owns its image paths, so the
+    path string identifies the image.
+    """
+    found = []
+    path = os.path.realpath(path)  # sysfs shows the resolved path
+    try:
+        names = os.listdir(SYS_BLOCK)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith("loop") and name[4:].isdigit():
+            try:
+                backing = loop.backing_file(f"/dev/{name}")
+            except OSError:
+                continue  # ENODEV: being torn down right now
+            if backing is not None and backing.removesuffix(" (deleted)") == path:
+                found.append(f"/dev/{name}")
+    return sorted(found, key=lambda d: int(d[9:]))
+
+
 def _fill(fd: int, size: int, thin: bool, what: str) -> None:
     try:
         if thin:
@@ -114,7 +142,7 @@ class ImagePool:
 
     def release(self, rec: VolumeRecord) -> None:
         path = self.image_path(rec.id)
-        for device in loop.find_by_backing_file(path):
+        for device in loops_backed_by(path):
             loop.detach(device)
         for name in (path, os.path.join(self.volume_dir, f".{rec.id}.img.partial")):
             try:
@@ -152,7 +180,7 @@ class ImagePool:
 
     def attach(self, rec: VolumeRecord) -> str:
         path = self.image_path(rec.id)
-        existing = loop.find_by_backing_file(path)
+        existing = loops_backed_by(path)
         if existing:
             return existing[0]
         if not os.path.isfile(path):
@@ -160,15 +188,15 @@ class ImagePool:
         return loop.attach(path, direct_io=self.config.direct_io)
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
-        found = loop.find_by_backing_file(self.image_path(rec.id))
+        found = loops_backed_by(self.image_path(rec.id))
         return found[0] if found else None
 
     def detach(self, rec: VolumeRecord) -> None:
-        for device in loop.find_by_backing_file(self.image_path(rec.id)):
+        for device in loops_backed_by(self.image_path(rec.id)):
             loop.detach(device)
 
     def refresh(self, rec: VolumeRecord) -> None:
-        for device in loop.find_by_backing_file(self.image_path(rec.id)):
+        for device in loops_backed_by(self.image_path(rec.id)):
             loop.refresh_capacity(device)
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
