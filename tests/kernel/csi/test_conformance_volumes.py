@@ -327,6 +327,29 @@ def test_stage_same_path_incompatible_is_already_exists(make_vol: Any, kind: str
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_unsupported_capabilities_at_the_node_are_failed_precondition(make_vol: Any, kind: str):
+    vol = make_vol(kind)
+    multi = cap_for(kind, mode=Mode.MULTI_NODE_MULTI_WRITER)
+    expect_code(Code.FAILED_PRECONDITION, vol.csi.node.NodeStageVolume,
+                csi_pb2.NodeStageVolumeRequest(volume_id=vol.id, staging_target_path=vol.staging,
+                                               volume_capability=multi))
+    assert not _is_mountpoint(vol.staging)
+    if kind == "mount":
+        # The volume holds ext4; it cannot be staged as another filesystem.
+        expect_code(Code.FAILED_PRECONDITION, vol.csi.node.NodeStageVolume,
+                    csi_pb2.NodeStageVolumeRequest(
+                        volume_id=vol.id, staging_target_path=vol.staging,
+                        volume_capability=mount_cap(fs_type="xfs")))
+        assert not _is_mountpoint(vol.staging)
+    vol.stage()
+    expect_code(Code.FAILED_PRECONDITION, vol.csi.node.NodePublishVolume,
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=vol.id, staging_target_path=vol.staging, target_path=vol.target,
+                    volume_capability=multi))
+    assert not os.path.lexists(vol.target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_publish_same_target_other_args_is_already_exists(make_vol: Any, kind: str):
     vol = make_vol(kind)
     vol.stage()
