@@ -259,11 +259,24 @@ def test_malformed_capability_is_invalid_argument(csi: Csi, broken: str):
 # ---------------------------------------------------------------------------
 
 
-def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout):
+# csi-sanity names unknown objects with ids of its own format ("fake-vol-id-..."), and
+# the spec treats ids as opaque: an unknown but harmless id is NOT_FOUND, whatever
+# the driver's own id format.
+FOREIGN_IDS = [UNKNOWN_VOLUME, "vol-" + "0" * 32, "fake-vol-id-1"]
+
+
+@pytest.mark.parametrize("volume_id", FOREIGN_IDS)
+def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout, volume_id: str):
     requests = _requests(kubelet)
+    for _, _, request in requests.values():
+        for field in ("volume_id", "snapshot_id"):
+            if field in request.DESCRIPTOR.fields_by_name:
+                setattr(request, field, volume_id if field == "volume_id" else
+                        volume_id.replace("vol", "snap"))
     for rpc in (
         "ValidateVolumeCapabilities", "ControllerGetVolume", "ControllerExpandVolume",
-        "GetSnapshot", "NodeStageVolume", "NodeGetVolumeStats", "NodeExpandVolume",
+        "GetSnapshot", "NodeStageVolume", "NodePublishVolume", "NodeGetVolumeStats",
+        "NodeExpandVolume",
     ):
         service, method, request = requests[rpc]
         expect_code(Code.NOT_FOUND, _call(csi, service, method), request)
@@ -424,3 +437,36 @@ def test_get_capacity_elsewhere_is_zero(csi: Csi):
 def test_get_capacity_with_bad_parameters_is_invalid(csi: Csi):
     expect_code(Code.INVALID_ARGUMENT, csi.controller.GetCapacity,
                 csi_pb2.GetCapacityRequest(parameters={"colour": "blue"}))
+
+
+# ---------------------------------------------------------------------------
+# Secrets never reach the log; multi-node modes are refused by a local driver
+# ---------------------------------------------------------------------------
+
+
+def test_secrets_never_reach_the_log(csi: Csi, driver: DriverProcess, kubelet: KubeletLayout):
+    secret = "hunter2-8c1f-do-not-log"
+    # Failing requests are logged with their content; make several fail.
+    expect_code(Code.INVALID_ARGUMENT, csi.controller.CreateVolume, csi_pb2.CreateVolumeRequest(
+        name="pvc-secret", volume_capabilities=[mount_cap()],
+        parameters={"colour": "blue"}, secrets={"password": secret}))
+    expect_code(Code.NOT_FOUND, csi.node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest(
+        volume_id=UNKNOWN_VOLUME, staging_target_path=kubelet.staging_dir(UNKNOWN_VOLUME),
+        volume_capability=mount_cap(), secrets={"token": secret}))
+    expect_code(Code.NOT_FOUND, csi.controller.ControllerExpandVolume,
+                csi_pb2.ControllerExpandVolumeRequest(
+                    volume_id=UNKNOWN_VOLUME, secrets={"k": secret},
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=MiB)))
+    log = driver.log_path.read_text(errors="replace")
+    assert "pvc-secret" in log or UNKNOWN_VOLUME in log, "the failures were not logged at all"
+    assert secret not in log
+
+
+@pytest.mark.parametrize(
+    "mode", [Mode.MULTI_NODE_MULTI_WRITER, Mode.MULTI_NODE_SINGLE_WRITER],
+    ids=["MULTI_NODE_MULTI_WRITER", "MULTI_NODE_SINGLE_WRITER"],
+)
+def test_multi_node_writers_are_refused(csi: Csi, mode: int):
+    # A node-local volume cannot be written from several nodes.
+    expect_code(Code.INVALID_ARGUMENT, csi.controller.CreateVolume,
+                _create("pvc-multinode", cap=mount_cap(mode=mode)))
