@@ -198,10 +198,17 @@ class VolumeService:
         norm = _norm(path)
         if ".." in path.split("/"):
             raise InvalidArgument(f"{what} {path!r} must not contain '..'")
-        if self.config.restrict_paths and not norm.startswith(self.kubelet_root + "/"):
-            raise InvalidArgument(
-                f"{what} {path!r} is outside the kubelet root {self.kubelet_root}"
-            )
+        if self.config.restrict_paths:
+            if not norm.startswith(self.kubelet_root + "/"):
+                raise InvalidArgument(
+                    f"{what} {path!r} is outside the kubelet root {self.kubelet_root}"
+                )
+            # A symlink on the way must not lead a mount or a removal out of the root.
+            real_root = os.path.realpath(self.kubelet_root)
+            if not os.path.realpath(norm).startswith(real_root + "/"):
+                raise InvalidArgument(
+                    f"{what} {path!r} resolves (through a symlink) outside the kubelet root"
+                )
         return norm
 
     def _volume(self, volume_id: str) -> VolumeRecord:
@@ -888,6 +895,8 @@ class VolumeService:
         flags: list[str],
         ours: _Owned,
     ) -> None:
+        if os.path.islink(target):
+            raise InvalidArgument(f"target_path {target} is a symlink; refusing to mount on it")
         current = mounts.find_mount(target) if os.path.lexists(target) else None
         if current is not None:
             if ours.matches(current) and current.read_only == readonly:

@@ -46,6 +46,18 @@ def test_paths_outside_the_kubelet_root_are_refused(service, path):
         service.check_path(path, "target_path")
 
 
+def test_symlinks_out_of_the_kubelet_root_are_refused(tmp_path):
+    root = tmp_path / "kubelet"
+    (root / "pods").mkdir(parents=True)
+    (root / "pods" / "escape").symlink_to("/etc")
+    config = parse_config({"kubelet_root": str(root), "pools": [
+        {"name": "a", "type": "image", "path": str(tmp_path / "a")}]}, str(tmp_path))
+    svc = VolumeService(config, "n", Store(str(tmp_path / "s")), [ImagePool(config.pools[0])])
+    with pytest.raises(InvalidArgument, match="symlink"):
+        svc.check_path(str(root / "pods/escape/mount"), "target_path")
+    assert svc.check_path(str(root / "pods/u/mount"), "t") == str(root / "pods/u/mount")
+
+
 def test_paths_under_the_kubelet_root_are_normalised(service):
     assert service.check_path("/var/lib/kubelet/pods//u/mount/", "t") == \
         "/var/lib/kubelet/pods/u/mount"
