@@ -849,6 +849,8 @@ class VolumeService:
             wanted = Publication(target=target, block=cap.block, readonly=readonly,
                                  mount_flags=flags, mount_group=cap.mount_group,
                                  access_mode=cap.access_mode)
+            # Targets that vanished (a reboot, a pod cleaned up by hand) do not count.
+            self._forget_stale_publications(rec)
             existing = rec.publications.get(target)
             if existing is not None and existing != wanted:
                 raise AlreadyExists(

@@ -352,9 +352,10 @@ def test_simulated_reboot_then_stage_brings_the_data_back():
         csi = driver.csi()
         for v in vols:
             v.csi = csi
-            # The kubelet's mount dirs were emptied by the reboot; it stages and publishes again.
+            # The kubelet stages again at the same path and publishes for a new pod.
             if v.kind == "mount":
                 os.makedirs(v.staging, exist_ok=True)
+            v.target = kubelet.paths(v.kind, v.id, f"pv-{v.name}", str(uuid.uuid4()))[1]
             v.up()
             if v.kind == "mount":
                 assert sha(read_file(os.path.join(v.target, "data"))) == sha(data[v.id])
