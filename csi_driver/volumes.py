@@ -324,7 +324,11 @@ class VolumeService:
         self.check_capabilities(req.capabilities)
         if req.source_snapshot and req.source_volume:
             raise InvalidArgument("volume_content_source names both a snapshot and a volume")
-        place = self.placement(req.parameters, req.capabilities)
+        parameters = dict(req.parameters)
+        source_pool = self._source_pool(req)
+        if source_pool and PARAM_POOL not in parameters:
+            parameters[PARAM_POOL] = source_pool  # copies stay next to their source
+        place = self.placement(parameters, req.capabilities)
         size = self._size(req.required_bytes, req.limit_bytes, place.fs_type)
         self._check_topology(req)
         with self.locks.hold(f"name:{req.name}"):
@@ -347,6 +351,15 @@ class VolumeService:
                 keys.append(f"snap:{rec.source_snapshot}")
             with self.locks.hold_all(*keys):
                 return self._finish_create(rec, place)
+
+    def _source_pool(self, req: CreateRequest) -> str:
+        if req.source_snapshot and is_valid_id(req.source_snapshot, "snap"):
+            snap = self.store.snapshot(req.source_snapshot)
+            return snap.pool if snap is not None else ""
+        if req.source_volume and is_valid_id(req.source_volume, "vol"):
+            src = self.store.volume(req.source_volume)
+            return src.pool if src is not None else ""
+        return ""
 
     def _check_compatible(self, rec: VolumeRecord, req: CreateRequest, place: Placement) -> None:
         problems = []
@@ -388,6 +401,8 @@ class VolumeService:
             raise InvalidArgument(
                 f"pool {place.pool.name} hands out whole disks: it cannot restore or clone"
             )
+        if source_size and not req.required_bytes and not req.limit_bytes:
+            size = source_size  # no size asked: the copy is as large as its source
         if source_size > size:
             if req.limit_bytes and source_size > req.limit_bytes:
                 raise OutOfRange(
