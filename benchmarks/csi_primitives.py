@@ -155,7 +155,13 @@ def run(iterations: int) -> None:
             mounts.unmount(target)
             return elapsed
 
+        def identify(_: int) -> float:
+            started = time.perf_counter()
+            filesystems.identify_filesystem(device)
+            return time.perf_counter() - started
+
         _measure("blkid probe (probe_filesystem)", iterations, probe)
+        _measure("superblock magic (identify_filesystem)", iterations, identify)
         _measure("mount+unmount ext4 (mount(2))", iterations, mount_syscall)
         _measure("mount+unmount ext4 (mount(8)/umount(8))", iterations, mount_tool)
         _measure("mount ext4 + read-only bind (mount(2))", iterations, stage_publish_like)

@@ -346,8 +346,11 @@ def unsafe_reason(
                 return f"{disk.devnode} is backed by {backing_path}, an image of the driver's own"
     try:
         if filesystems.has_signature(disk.devnode):
-            found = filesystems.probe_filesystem(disk.devnode)
-            return f"{disk.devnode} has a signature ({found or 'partition table or other'})"
+            try:
+                found = filesystems.probe_filesystem(disk.devnode) or "partition table or other"
+            except filesystems.AmbivalentSignatures:
+                found = "several conflicting ones"
+            return f"{disk.devnode} has a signature ({found})"
     except Internal as exc:
         return f"{disk.devnode} could not be probed: {exc}"
     return None

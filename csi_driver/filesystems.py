@@ -15,6 +15,16 @@ file), the ext4 journal is kept, and ext4's inode tables are initialised lazily
 by the kernel.  The ext4 journal is zeroed at mkfs time except on loop devices:
 their images are always fresh sparse files that read as zeros, whereas a
 reused disk could hold a stale journal that a crash would replay.
+
+Measured here (p50 of 10, 1 GiB sparse image, mkfs alone; the machine is
+shared, so only differences of several ms mean anything):
+- ext4 defaults 5.9 ms, 32.6 MiB of the image allocated (zeroed journal);
+  ours (nodiscard, lazy itable, lazy journal on loop) 4.5 ms, 0.6 MiB;
+  lazy_journal_init=0 3.9 ms, 32.6 MiB; -T largefile no faster.
+- xfs defaults 23 ms, with -K (no discard) 8.7 ms; 64 MiB allocated either
+  way (the log, zeroed by write-zeroes; xfsprogs 6.1 has a 64 MiB minimum log).
+- btrfs 14-22 ms with or without -K (noise dominates), 4.6 MiB allocated;
+  -m single gains nothing.
 """
 
 from __future__ import annotations
@@ -91,12 +101,21 @@ def _check_block_device(device: str) -> None:
 # --- probing -----------------------------------------------------------------
 
 
+class AmbivalentSignatures(FailedPrecondition):
+    """blkid found several conflicting signatures (exit status 8)."""
+
+
 def _blkid(device: str, *extra: str) -> commands.CommandResult | None:
     """Run ``blkid -p`` (low-level probe, no cache); None when nothing was found."""
     _check_block_device(device)
     result = commands.run(["blkid", "-p", *extra, device], timeout=PROBE_TIMEOUT, check=False)
     if result.returncode == 2:
         return None  # no signature of any kind
+    if result.returncode == 8:
+        raise AmbivalentSignatures(
+            f"{device} carries more than one filesystem signature (blkid: ambivalent result); "
+            "refusing to guess which one is real"
+        )
     if result.returncode != 0:
         raise commands.CommandError(result)
     return result
@@ -106,7 +125,8 @@ def probe_filesystem(device: str) -> str | None:
     """The filesystem type on ``device`` (e.g. "ext4"), or None when there is none.
 
     A partition table or another non-filesystem signature also gives None; use
-    ``has_signature`` before writing to a device.
+    ``has_signature`` before writing to a device.  Several conflicting
+    filesystem signatures raise ``AmbivalentSignatures`` (FailedPrecondition).
     """
     result = _blkid(device, "-o", "value", "-s", "TYPE")
     if result is None:
@@ -117,11 +137,55 @@ def probe_filesystem(device: str) -> str | None:
 def has_signature(device: str) -> bool:
     """True when ``device`` carries any signature blkid knows (filesystem, RAID,
     LVM, swap, crypto, partition table)."""
-    result = _blkid(device, "-o", "export")
+    try:
+        result = _blkid(device, "-o", "export")
+    except AmbivalentSignatures:
+        return True
     if result is None:
         return False
     keys = {line.partition("=")[0] for line in result.stdout.splitlines()}
     return bool(keys & {"TYPE", "PTTYPE", "PTUUID", "USAGE"})
+
+
+_EXT_MAGIC = b"\x53\xef"
+_EXT_COMPAT_HAS_JOURNAL = 0x4
+_EXT_INCOMPAT_EXTENTS = 0x40
+_BTRFS_MAGIC = b"_BHRfS_M"
+_XFS_MAGIC = b"XFSB"
+
+
+def identify_filesystem(device: str) -> str | None:
+    """Recognise ext4, xfs or btrfs by their superblock magic, without a tool.
+
+    Positive identification only, for hot paths (NodeStage of a formatted
+    volume): None means "not recognised here", never "empty"; decide whether a
+    device may be formatted with ``has_signature``/``probe_filesystem``.
+    Ambiguous devices (more than one magic) give None as well.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"device {device} does not exist") from None
+    except OSError as exc:
+        raise Internal(f"cannot open {device}: {exc}") from exc
+    try:
+        head = os.pread(fd, 2048, 0)
+        btrfs = os.pread(fd, 8, 65536 + 64)
+    finally:
+        os.close(fd)
+    found = []
+    if head[:4] == _XFS_MAGIC:
+        found.append("xfs")
+    if len(head) >= 1024 + 100 and head[1024 + 56 : 1024 + 58] == _EXT_MAGIC:
+        compat = int.from_bytes(head[1024 + 92 : 1024 + 96], "little")
+        incompat = int.from_bytes(head[1024 + 96 : 1024 + 100], "little")
+        if compat & _EXT_COMPAT_HAS_JOURNAL and incompat & _EXT_INCOMPAT_EXTENTS:
+            found.append("ext4")
+        else:
+            return None  # ext2/ext3 or unusual: let blkid name it
+    if btrfs == _BTRFS_MAGIC:
+        found.append("btrfs")
+    return found[0] if len(found) == 1 else None
 
 
 # --- mkfs ----------------------------------------------------------------------
@@ -172,7 +236,10 @@ def make_filesystem(
     if size < minimum:
         raise OutOfRange(f"{device} has {size} bytes; {fs_type} needs at least {minimum} bytes")
     if check_empty and has_signature(device):
-        found = probe_filesystem(device) or "a partition table or other signature"
+        try:
+            found = probe_filesystem(device) or "a partition table or other signature"
+        except AmbivalentSignatures:
+            found = "several conflicting signatures"
         raise FailedPrecondition(f"{device} is not empty (it has {found}); not formatting it")
     result = commands.run(mkfs_argv(device, fs_type, label=label), timeout=MKFS_TIMEOUT)
     log.debug("made %s on %s in %.3fs", fs_type, device, result.seconds)
@@ -462,7 +529,9 @@ def filesystem_error(device: str, fs_type: str, mount_point: str | None) -> str 
     """A message when the kernel reports the filesystem damaged, else None.
 
     Best effort, from what the kernel exposes without tools:
-    - ext4: ``/sys/fs/ext4/<dev>/errors_count`` (errors recorded in the superblock);
+    - ext4: ``/sys/fs/ext4/<dev>/errors_count`` (errors recorded in the superblock;
+      the kernel copies a new error there from a work item, so it shows within
+      milliseconds, not at the instant of the error);
     - btrfs: ``/sys/fs/btrfs/<fsid>/devinfo/*/error_stats`` counters;
     - any type, when mounted: the mount point cannot be stat'ed or listed
       (EIO, as on an xfs that shut itself down after a metadata error).

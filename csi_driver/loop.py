@@ -19,6 +19,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -31,7 +32,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin_runtime.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from plugin_runtime.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +149,9 @@ def _decode_dev(encoded: int) -> tuple[int, int]:
     return major, minor
 
 
-def _ensure_node(number: int) -> str:
+def _ensure_node(number: int, dev_dir: str = "/dev") -> str:
     """Return /dev/loopN, creating the node when devtmpfs has not (containers)."""
-    device = f"/dev/loop{number}"
+    device = f"{dev_dir}/loop{number}"
     try:
         st = os.stat(device)
     except FileNotFoundError:
@@ -192,13 +199,51 @@ def _get_status(fd: int) -> LoopInfo64 | None:
     return info
 
 
+LOOP_SET_BLOCK_SIZE = 0x4C09
+
+
+def _kernel_has_loop_configure() -> bool:
+    """LOOP_CONFIGURE exists since Linux 5.8; older kernels answer it with EINVAL."""
+    try:
+        major, minor = (int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (5, 8)
+
+
+USE_LOOP_CONFIGURE = _kernel_has_loop_configure()
+
+
 def _configure(loop_fd: int, file_fd: int, *, flags: int, block_size: int, name: bytes) -> None:
-    config = LoopConfig()
-    config.fd = file_fd
-    config.block_size = block_size
-    config.info.lo_flags = flags
-    ctypes.memmove(config.info.lo_file_name, name[: LO_NAME_SIZE - 1], min(len(name), 63))
-    fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
+    if USE_LOOP_CONFIGURE:
+        config = LoopConfig()
+        config.fd = file_fd
+        config.block_size = block_size
+        config.info.lo_flags = flags
+        ctypes.memmove(config.info.lo_file_name, name, min(len(name), LO_NAME_SIZE - 1))
+        fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
+        return
+    # Pre-5.8 kernels: bind, then set status, block size and direct I/O one by one,
+    # unbinding again if any step fails so that no half-configured device is left.
+    fcntl.ioctl(loop_fd, LOOP_SET_FD, file_fd)
+    try:
+        info = LoopInfo64()
+        info.lo_flags = flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)
+        ctypes.memmove(info.lo_file_name, name, min(len(name), LO_NAME_SIZE - 1))
+        fcntl.ioctl(loop_fd, LOOP_SET_STATUS64, info)
+        if block_size:
+            fcntl.ioctl(loop_fd, LOOP_SET_BLOCK_SIZE, block_size)
+        if flags & LO_FLAGS_DIRECT_IO:
+            try:
+                fcntl.ioctl(loop_fd, LOOP_SET_DIRECT_IO, 1)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # Left buffered; attach() notices the missing flag and logs it.
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(loop_fd, LOOP_CLR_FD)
+        raise
 
 
 def attach(
@@ -216,6 +261,8 @@ def attach(
     must be re-attached the same way).  ``partscan`` makes the kernel read a
     partition table (tests use it).  Raises NotFound when the file is missing.
     """
+    if block_size and (block_size & (block_size - 1) or not 512 <= block_size <= 4096):
+        raise InvalidArgument(f"loop block size {block_size} is not 0 or a power of 2 in 512..4096")
     path = os.path.abspath(backing_file)
     try:
         file_fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -251,13 +298,14 @@ def _attach_free(
         try:
             number = fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE)
         except OSError as exc:
-            raise Internal(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
-        device = _ensure_node(number)
+            raise ResourceExhausted(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
         try:
+            device = _ensure_node(number)
             loop_fd = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # Removed (LOOP_CTL_REMOVE) by someone between GET_FREE and open.
-            continue
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO):
+                continue  # removed (LOOP_CTL_REMOVE) by someone between GET_FREE and open
+            raise Internal(f"cannot open loop device {number} to attach {path}: {exc}") from exc
         try:
             try:
                 _configure(
@@ -278,8 +326,9 @@ def _attach_free(
                 raise Internal(f"LOOP_CONFIGURE of {device} with {path} failed: {exc}") from exc
             try:
                 info = _get_status(loop_fd)
-            except OSError:
-                info = None
+            except OSError as exc:
+                log.warning("attached %s to %s but cannot read its status: %s", path, device, exc)
+                return device
             if info is None:
                 continue  # detached by someone else already; try again
             if flags & LO_FLAGS_DIRECT_IO and not info.lo_flags & LO_FLAGS_DIRECT_IO:

@@ -267,7 +267,9 @@ def _parse_line(line: str) -> MountEntry:
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
     """Parse the text of /proc/<pid>/mountinfo; a malformed line raises ValueError."""
-    return [_parse_line(line) for line in text.splitlines() if line.strip()]
+    # Only "\n" ends a line: the kernel escapes it in paths, but not "\r", "\x1e" and
+    # the other characters str.splitlines() would also split on.
+    return [_parse_line(line) for line in text.split("\n") if line]
 
 
 def read_mounts() -> list[MountEntry]:

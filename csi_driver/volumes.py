@@ -198,10 +198,17 @@ class VolumeService:
         norm = _norm(path)
         if ".." in path.split("/"):
             raise InvalidArgument(f"{what} {path!r} must not contain '..'")
-        if self.config.restrict_paths and not norm.startswith(self.kubelet_root + "/"):
-            raise InvalidArgument(
-                f"{what} {path!r} is outside the kubelet root {self.kubelet_root}"
-            )
+        if self.config.restrict_paths:
+            if not norm.startswith(self.kubelet_root + "/"):
+                raise InvalidArgument(
+                    f"{what} {path!r} is outside the kubelet root {self.kubelet_root}"
+                )
+            # A symlink on the way must not lead a mount or a removal out of the root.
+            real_root = os.path.realpath(self.kubelet_root)
+            if not os.path.realpath(norm).startswith(real_root + "/"):
+                raise InvalidArgument(
+                    f"{what} {path!r} resolves (through a symlink) outside the kubelet root"
+                )
         return norm
 
     def _volume(self, volume_id: str) -> VolumeRecord:
@@ -317,7 +324,11 @@ class VolumeService:
         self.check_capabilities(req.capabilities)
         if req.source_snapshot and req.source_volume:
             raise InvalidArgument("volume_content_source names both a snapshot and a volume")
-        place = self.placement(req.parameters, req.capabilities)
+        parameters = dict(req.parameters)
+        source_pool = self._source_pool(req)
+        if source_pool and PARAM_POOL not in parameters:
+            parameters[PARAM_POOL] = source_pool  # copies stay next to their source
+        place = self.placement(parameters, req.capabilities)
         size = self._size(req.required_bytes, req.limit_bytes, place.fs_type)
         self._check_topology(req)
         with self.locks.hold(f"name:{req.name}"):
@@ -340,6 +351,15 @@ class VolumeService:
                 keys.append(f"snap:{rec.source_snapshot}")
             with self.locks.hold_all(*keys):
                 return self._finish_create(rec, place)
+
+    def _source_pool(self, req: CreateRequest) -> str:
+        if req.source_snapshot and is_valid_id(req.source_snapshot, "snap"):
+            snap = self.store.snapshot(req.source_snapshot)
+            return snap.pool if snap is not None else ""
+        if req.source_volume and is_valid_id(req.source_volume, "vol"):
+            src = self.store.volume(req.source_volume)
+            return src.pool if src is not None else ""
+        return ""
 
     def _check_compatible(self, rec: VolumeRecord, req: CreateRequest, place: Placement) -> None:
         problems = []
@@ -381,6 +401,8 @@ class VolumeService:
             raise InvalidArgument(
                 f"pool {place.pool.name} hands out whole disks: it cannot restore or clone"
             )
+        if source_size and not req.required_bytes and not req.limit_bytes:
+            size = source_size  # no size asked: the copy is as large as its source
         if source_size > size:
             if req.limit_bytes and source_size > req.limit_bytes:
                 raise OutOfRange(
@@ -842,6 +864,8 @@ class VolumeService:
             wanted = Publication(target=target, block=cap.block, readonly=readonly,
                                  mount_flags=flags, mount_group=cap.mount_group,
                                  access_mode=cap.access_mode)
+            # Targets that vanished (a reboot, a pod cleaned up by hand) do not count.
+            self._forget_stale_publications(rec)
             existing = rec.publications.get(target)
             if existing is not None and existing != wanted:
                 raise AlreadyExists(
@@ -888,6 +912,8 @@ class VolumeService:
         flags: list[str],
         ours: _Owned,
     ) -> None:
+        if os.path.islink(target):
+            raise InvalidArgument(f"target_path {target} is a symlink; refusing to mount on it")
         current = mounts.find_mount(target) if os.path.lexists(target) else None
         if current is not None:
             if ours.matches(current) and current.read_only == readonly:

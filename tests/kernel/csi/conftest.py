@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -42,7 +43,7 @@ class Scratch:
             handle.truncate(size)
         return path
 
-    def attach(self, image: str, **kwargs: bool) -> str:
+    def attach(self, image: str, **kwargs: Any) -> str:
         device = loop.attach(image, **kwargs)
         self.devices.append(device)
         self._order.append(("loop", device))

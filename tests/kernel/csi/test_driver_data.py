@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -351,9 +352,10 @@ def test_simulated_reboot_then_stage_brings_the_data_back():
         csi = driver.csi()
         for v in vols:
             v.csi = csi
-            # The kubelet's mount dirs were emptied by the reboot; it stages and publishes again.
+            # The kubelet stages again at the same path and publishes for a new pod.
             if v.kind == "mount":
                 os.makedirs(v.staging, exist_ok=True)
+            v.target = kubelet.paths(v.kind, v.id, f"pv-{v.name}", str(uuid.uuid4()))[1]
             v.up()
             if v.kind == "mount":
                 assert sha(read_file(os.path.join(v.target, "data"))) == sha(data[v.id])
@@ -488,3 +490,44 @@ def test_disk_pool_backing_mode_formats_and_mounts_the_disks(loop_disks):
             for entry in mounts.read_mounts():
                 if entry.source == dev:
                     mounts.unmount(entry.mount_point)
+
+
+def _wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def test_disks_that_appear_later_join_and_vanished_disks_turn_volumes_abnormal(loop_disks):
+    base, devices = loop_disks
+    with running_driver(config=_disk_config(base, "volume")) as driver:
+        csi = driver.csi()
+
+        def available() -> int:
+            return int(csi.controller.GetCapacity(csi_pb2.GetCapacityRequest(
+                parameters={"pool": "disks"}), timeout=30).available_capacity)
+
+        assert available() == 1500 * MiB
+        late = base / "disk3.img"
+        with open(late, "wb") as f:
+            f.truncate(300 * MiB)
+        devices.append(loop.attach(str(late), direct_io=False))  # the fixture detaches it
+        assert _wait_for(lambda: available() == 1800 * MiB), available()
+
+        vol = csi.create(f"pvc-{uuid.uuid4()}", size=300 * MiB, kind="block",
+                         params={"pool": "disks"})
+        assert _wait_for(lambda: available() == 1500 * MiB), available()
+        loop.detach(devices.pop())
+
+        def abnormal() -> bool:
+            resp = csi.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+                volume_id=vol.volume_id), timeout=30)
+            return bool(resp.status.volume_condition.abnormal)
+
+        assert _wait_for(abnormal)
+        csi.delete(vol.volume_id)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 
 from csi_driver import filesystems, loop, mounts
 from plugin_runtime import commands
-from plugin_runtime.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from plugin_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 
 from .conftest import Scratch
 
@@ -28,9 +30,11 @@ def test_make_mount_write_grow_freeze_unmount(scratch: Scratch, fs_type: str):
     image = scratch.image("vol.img", FS_SIZE)
     device = scratch.attach(image)
     assert filesystems.probe_filesystem(device) is None
+    assert filesystems.identify_filesystem(device) is None
     assert not filesystems.has_signature(device)
     filesystems.make_filesystem(device, fs_type, label="vol1")
     assert filesystems.probe_filesystem(device) == fs_type
+    assert filesystems.identify_filesystem(device) == fs_type
     assert filesystems.has_signature(device)
     with pytest.raises(FailedPrecondition, match="not empty"):
         filesystems.make_filesystem(device, fs_type)
@@ -104,6 +108,38 @@ def test_ext4_grows_offline_when_unmounted(scratch: Scratch):
         assert reader.read() == b"kept"
     with pytest.raises(InvalidArgument, match="only while mounted"):
         filesystems.grow_filesystem("xfs", device, None)
+
+
+def test_identify_leaves_ext3_and_mixed_signatures_to_blkid(scratch: Scratch):
+    device = scratch.attach(scratch.image("e3.img", 64 * MiB))
+    commands.run(["mkfs.ext3", "-F", "-q", device], timeout=60)
+    assert filesystems.identify_filesystem(device) is None
+    assert filesystems.probe_filesystem(device) == "ext3"
+    ext4 = scratch.attach(scratch.image("e4.img", 64 * MiB))
+    filesystems.make_filesystem(ext4, "ext4")
+    assert filesystems.identify_filesystem(ext4) == "ext4"
+    with open(ext4, "r+b") as handle:  # an xfs magic in ext4's boot block: ambiguous
+        handle.write(b"XFSB")
+    assert filesystems.identify_filesystem(ext4) is None
+
+
+def test_conflicting_signatures_are_refused_not_guessed(scratch: Scratch):
+    donor = scratch.attach(scratch.image("donor.img", 64 * MiB))
+    filesystems.make_filesystem(donor, "ext4")
+    device = scratch.attach(scratch.image("both.img", 200 * MiB))
+    filesystems.make_filesystem(device, "btrfs")
+    with open(donor, "rb") as source, open(device, "r+b") as target:
+        source.seek(1024)
+        target.seek(1024)
+        target.write(source.read(1024))  # an ext4 superblock next to btrfs's
+        target.flush()
+        os.fsync(target.fileno())
+    assert filesystems.has_signature(device)
+    with pytest.raises(filesystems.AmbivalentSignatures, match="more than one"):
+        filesystems.probe_filesystem(device)
+    assert filesystems.identify_filesystem(device) is None
+    with pytest.raises(FailedPrecondition, match="conflicting"):
+        filesystems.make_filesystem(device, "ext4")
 
 
 def test_frozen_thaws_when_the_body_raises(scratch: Scratch):
@@ -193,6 +229,31 @@ def test_sparse_copy_across_filesystems_and_of_an_all_hole_file(scratch: Scratch
     assert st.st_size == 8 * MiB and st.st_blocks == 0
 
 
+def test_sparse_copy_falls_back_to_sendfile(scratch: Scratch, monkeypatch):
+    src = scratch.path("fallback-src.img")
+    with open(src, "wb") as handle:
+        handle.truncate(8 * MiB)
+        handle.seek(3 * MiB)
+        handle.write(os.urandom(MiB))
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    dst = scratch.path("fallback-dst.img")
+    filesystems.sparse_copy(src, dst)
+    assert _digest(dst) == _digest(src)
+    assert os.stat(dst).st_blocks * 512 <= 2 * MiB
+
+
+def test_copies_of_a_missing_source_raise_not_found(scratch: Scratch):
+    with pytest.raises(NotFound, match="missing"):
+        filesystems.reflink_copy(scratch.path("missing"), scratch.path("d1"))
+    with pytest.raises(NotFound, match="missing"):
+        filesystems.sparse_copy(scratch.path("missing"), scratch.path("d2"))
+    assert not os.path.exists(scratch.path("d1")) and not os.path.exists(scratch.path("d2"))
+
+
 def test_sparse_copy_failure_leaves_no_destination(scratch: Scratch):
     device = scratch.attach(scratch.image("tiny.img", 16 * MiB))
     filesystems.make_filesystem(device, "ext4")
@@ -213,7 +274,12 @@ def test_filesystem_error_reports_ext4_errors(scratch: Scratch):
     assert filesystems.filesystem_error(device, "ext4", target) is None
     with open(f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error", "w") as handle:
         handle.write("injected by test")
-    message = filesystems.filesystem_error(device, "ext4", target)
+    # ext4 copies the error into the superblock (which sysfs shows) from a work item.
+    deadline = time.monotonic() + 10
+    message = None
+    while message is None and time.monotonic() < deadline:
+        message = filesystems.filesystem_error(device, "ext4", target)
+        time.sleep(0.02)
     assert message is not None and "error" in message and device in message
 
 

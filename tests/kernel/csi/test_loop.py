@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 
 import pytest
 
 from csi_driver import loop
-from plugin_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from plugin_runtime import commands
+from plugin_runtime.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 
 from .conftest import Scratch, open_fd
 
@@ -29,6 +32,54 @@ def test_attach_with_direct_io_find_and_detach(scratch: Scratch):
     assert loop.backing_file(device) is None
     assert loop.find_by_backing_file(image) == []
     loop.detach(device)  # idempotent on a free device
+
+
+def test_legacy_set_fd_path_for_kernels_before_5_8(scratch: Scratch, monkeypatch):
+    monkeypatch.setattr(loop, "USE_LOOP_CONFIGURE", False)
+    image = scratch.image("legacy.img", 16 * MiB)
+    device = scratch.attach(image)
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert info.direct_io and not info.autoclear and info.backing_file == image
+    assert loop.find_by_backing_file(image) == [device]
+    ro_image = scratch.image("legacy-ro.img", 16 * MiB)
+    ro_device = scratch.attach(ro_image, read_only=True)
+    (ro_info,) = [i for i in loop.list_attached() if i.device == ro_device]
+    assert ro_info.read_only
+
+
+def test_missing_device_node_is_created_with_the_kernels_numbers(scratch: Scratch):
+    device = scratch.attach(scratch.image("node.img", 4 * MiB))
+    number = int(device.removeprefix("/dev/loop"))
+    node = loop._ensure_node(number, dev_dir=scratch.root)
+    assert node == scratch.path(f"loop{number}")
+    assert os.stat(node).st_rdev == os.stat(device).st_rdev
+    assert loop._ensure_node(number, dev_dir=scratch.root) == node  # exists: kept
+    with open_fd(node) as fd:
+        assert loop._get_status(fd) is not None
+
+
+def test_direct_io_refused_by_the_backing_fs_falls_back_to_buffered(scratch: Scratch, caplog):
+    ramfs = scratch.mount("none", "ramfs", "ramfs")  # ramfs has no O_DIRECT
+    image = os.path.join(ramfs, "r.img")
+    with open(image, "wb") as handle:
+        handle.truncate(8 * MiB)
+    with caplog.at_level(logging.WARNING, logger="csi_driver.loop"):
+        device = scratch.attach(image)
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert not info.direct_io
+    assert any(
+        "buffered I/O" in r.getMessage() and device in r.getMessage() for r in caplog.records
+    )
+    block = os.urandom(4096)
+    with open_fd(device, os.O_RDWR) as fd:
+        os.pwrite(fd, block, 0)
+        assert os.pread(fd, 4096, 0) == block
+
+
+def test_block_size_4096_is_applied(scratch: Scratch):
+    device = scratch.attach(scratch.image("bs4k.img", 8 * MiB), block_size=4096)
+    with open(f"/sys/block/{device[5:]}/queue/logical_block_size") as handle:
+        assert handle.read().strip() == "4096"
 
 
 def test_find_by_backing_file_follows_renames_and_deletion(scratch: Scratch):
@@ -107,6 +158,42 @@ def test_concurrent_attaches_get_distinct_devices(scratch: Scratch):
         assert loop.find_by_backing_file(image) == [device]
 
 
+def test_losing_the_race_for_a_free_device_retries_on_another(scratch: Scratch, monkeypatch):
+    # Another attacher takes the device LOOP_CTL_GET_FREE just returned (the real race:
+    # losetup binds it between our GET_FREE and LOOP_CONFIGURE); attach gets EBUSY and
+    # moves on.
+    ours = scratch.image("ours.img", 4 * MiB)
+    theirs = scratch.image("theirs.img", 4 * MiB)
+    real_ensure_node = loop._ensure_node
+    stolen: list[str] = []
+
+    def ensure_node_then_steal(number: int, dev_dir: str = "/dev") -> str:
+        device = real_ensure_node(number, dev_dir)
+        if not stolen:
+            commands.run(["losetup", device, theirs], timeout=30)
+            stolen.append(device)
+            scratch.devices.append(device)
+        return device
+
+    monkeypatch.setattr(loop, "_ensure_node", ensure_node_then_steal)
+    device = scratch.attach(ours)
+    assert stolen and device != stolen[0]
+    assert loop.backing_file(device) == ours
+    assert loop.backing_file(stolen[0]) == theirs
+
+
+def test_failed_configure_leaves_no_device(scratch: Scratch, monkeypatch):
+    image = scratch.image("fail.img", 4 * MiB)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(loop, "_configure", broken)
+    with pytest.raises(Internal, match=r"fail\.img"):
+        loop.attach(image)
+    assert loop.find_by_backing_file(image) == []
+
+
 def test_bad_inputs(scratch: Scratch):
     with pytest.raises(NotFound, match=r"missing\.img"):
         loop.attach(scratch.path("missing.img"))
@@ -114,3 +201,5 @@ def test_bad_inputs(scratch: Scratch):
         loop.attach(scratch.root)
     with pytest.raises(InvalidArgument, match="loop device"):
         loop.detach("/dev/sda")
+    with pytest.raises(InvalidArgument, match="block size 1000"):
+        loop.attach(scratch.image("bs.img", MiB), block_size=1000)

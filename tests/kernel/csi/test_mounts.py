@@ -98,3 +98,25 @@ def test_mount_errors_name_the_cause(scratch: Scratch, ext4_device: str):
         mounts.mount(ext4_device, scratch.directory("x"), "xfs")
     assert info.value.errno == errno.EINVAL
     assert not mounts.is_mountpoint(scratch.path("x"))
+
+
+def test_detach_of_a_mounted_loop_device_is_refused_and_stays_attached(
+    scratch: Scratch, ext4_device: str, monkeypatch
+):
+    from csi_driver import loop
+
+    monkeypatch.setattr(loop, "DETACH_WAIT_SECONDS", 0.2)
+    scratch.mount(ext4_device, "m", "ext4")
+    with pytest.raises(FailedPrecondition, match=ext4_device):
+        loop.detach(ext4_device)
+    (info,) = [i for i in loop.list_attached() if i.device == ext4_device]
+    assert not info.autoclear  # not turned into a lazy "clear on last close"
+
+
+def test_unmount_does_not_follow_a_symlink_target(scratch: Scratch, ext4_device: str):
+    target = scratch.mount(ext4_device, "real", "ext4")
+    link = scratch.path("link")
+    os.symlink(target, link)
+    mounts.unmount(link)  # the link itself is not a mount point: no-op
+    assert mounts.is_mountpoint(target)
+    assert mounts.find_mount(link) is not None  # lookups do resolve the link

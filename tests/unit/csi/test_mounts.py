@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from csi_driver import mounts
 from plugin_runtime.errors import InvalidArgument
@@ -148,3 +150,51 @@ def test_duplicates_are_dropped_and_allow_list_is_exported():
 def test_mount_refuses_smuggled_options_before_calling_the_kernel():
     with pytest.raises(InvalidArgument, match="comma"):
         mounts.mount("/dev/null", "/nonexistent", "ext4", ["nouuid,loop"])
+
+
+def test_selinux_context_with_commas_stays_one_data_option():
+    label = 'context="system_u:object_r:container_file_t:s0:c0,c1"'
+    flags, data = mounts.split_options(["nosuid", label, "nouuid"])
+    assert flags == mounts.MS_NOSUID
+    assert data == f"{label},nouuid"
+
+
+def _kernel_escape(path: str) -> str:
+    # What the kernel's seq_path/mangle does for mountinfo: octal for these bytes.
+    return "".join(f"\\{ord(ch):03o}" if ch in " \t\n\\" else ch for ch in path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mount_point=st.text(
+        alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+        min_size=1,
+        max_size=40,
+    ).map(lambda s: "/" + s),
+    root=st.sampled_from(["/", "/sub dir", "/a\\b"]),
+)
+def test_mount_points_round_trip_through_kernel_escaping(mount_point, root):
+    line = (
+        f"50 27 7:1 {_kernel_escape(root)} {_kernel_escape(mount_point)} rw,nosuid shared:3 "
+        f"- ext4 /dev/loop1 rw\n"
+    )
+    (entry,) = mounts.parse_mountinfo(line)
+    assert entry.mount_point == mount_point
+    assert entry.root == root
+    assert entry.optional_fields == ("shared:3",)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_validation_never_accepts_smuggling_or_paths(option):
+    try:
+        accepted = mounts.validate_mount_options([option])
+    except InvalidArgument:
+        return
+    assert accepted == [option]
+    unquoted = option.split('"')[0::2]
+    assert all("," not in part for part in unquoted)
+    assert ".." not in option and "/" not in option
+    assert not any(ch.isspace() for ch in option)
+    key = option.partition("=")[0]
+    assert key not in {"loop", "offset", "sizelimit", "suid", "dev", "subvol", "user"}

@@ -46,6 +46,18 @@ def test_paths_outside_the_kubelet_root_are_refused(service, path):
         service.check_path(path, "target_path")
 
 
+def test_symlinks_out_of_the_kubelet_root_are_refused(tmp_path):
+    root = tmp_path / "kubelet"
+    (root / "pods").mkdir(parents=True)
+    (root / "pods" / "escape").symlink_to("/etc")
+    config = parse_config({"kubelet_root": str(root), "pools": [
+        {"name": "a", "type": "image", "path": str(tmp_path / "a")}]}, str(tmp_path))
+    svc = VolumeService(config, "n", Store(str(tmp_path / "s")), [ImagePool(config.pools[0])])
+    with pytest.raises(InvalidArgument, match="symlink"):
+        svc.check_path(str(root / "pods/escape/mount"), "target_path")
+    assert svc.check_path(str(root / "pods/u/mount"), "t") == str(root / "pods/u/mount")
+
+
 def test_paths_under_the_kubelet_root_are_normalised(service):
     assert service.check_path("/var/lib/kubelet/pods//u/mount/", "t") == \
         "/var/lib/kubelet/pods/u/mount"
@@ -132,3 +144,34 @@ def test_domain_modules_do_not_import_grpc_or_stubs(module):
         for name in names:
             assert not name.startswith("grpc") and "_proto" not in name and \
                 not name.startswith("csi_driver.api"), f"{module} imports {name}"
+
+
+def test_copies_stay_in_their_source_pool_and_default_to_its_size(service):
+    from csi_driver.snapshots import SnapshotService
+
+    snaps = SnapshotService(service)
+    src = service.create_volume(CreateRequest(
+        name="src", capabilities=(BLOCK,), required_bytes=3 * MiB, parameters={"pool": "b"}))
+    snap = snaps.create_snapshot("s1", src.id, {})
+    assert snap.pool == "b" and snap.size_bytes == 3 * MiB
+    assert snaps.create_snapshot("s1", src.id, {}).id == snap.id
+    restored = service.create_volume(CreateRequest(
+        name="r", capabilities=(BLOCK,), source_snapshot=snap.id))
+    assert (restored.pool, restored.capacity_bytes, restored.thin) == ("b", 3 * MiB, False)
+    clone = service.create_volume(CreateRequest(
+        name="c", capabilities=(BLOCK,), source_volume=src.id, required_bytes=5 * MiB))
+    assert (clone.pool, clone.capacity_bytes) == ("b", 5 * MiB)
+    with pytest.raises(OutOfRange):
+        service.create_volume(CreateRequest(
+            name="small", capabilities=(BLOCK,), source_snapshot=snap.id, required_bytes=MiB))
+    with pytest.raises(InvalidArgument, match="same pool"):
+        service.create_volume(CreateRequest(
+            name="elsewhere", capabilities=(BLOCK,), source_snapshot=snap.id,
+            parameters={"pool": "a"}))
+    service.delete_volume(src.id)
+    assert snaps.get_snapshot(snap.id).source_volume == src.id  # survives its source
+    for vid in (restored.id, clone.id):
+        service.delete_volume(vid)
+    snaps.delete_snapshot(snap.id)
+    snaps.delete_snapshot(snap.id)
+    assert service.store.volumes() == [] and service.store.snapshots() == []
