@@ -847,6 +847,23 @@ def test_parallel_lifecycles_of_many_volumes(csi: Csi, kubelet: KubeletLayout, u
     assert sorted(kinds) == sorted(KINDS * 4)
 
 
+def test_concurrent_stage_and_unstage_of_different_volumes(make_vol: Any):
+    """Loop numbers are recycled at once: one volume's detach and another's attach
+    race for the same /dev/loopN.  Neither may mistake the other for a holder."""
+    import concurrent.futures
+
+    vols = [make_vol(KINDS[i % 2]) for i in range(8)]
+
+    def cycle(vol: Vol) -> None:
+        for _ in range(15):
+            vol.stage()
+            vol.csi.unstage(vol.id, vol.staging)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(cycle, vol) for vol in vols]:
+            future.result(timeout=600)
+
+
 def test_zz_nothing_is_left_behind(csi: Csi, driver: DriverProcess):
     """Runs last in this module: every test above tore its volumes down through the
     RPCs, so the driver must hold no volume, snapshot, mount, loop device or image."""
