@@ -79,6 +79,7 @@ def _fill(fd: int, size: int, thin: bool, what: str) -> None:
 class ImagePool:
     kind = "image"
     supports_snapshots = True
+    shares_space = True
 
     def __init__(self, config: PoolConfig, path: str | None = None) -> None:
         self.name = config.name
