@@ -951,6 +951,10 @@ class VolumeService:
             if ours.matches(current) and current.read_only == readonly:
                 return
             raise AlreadyExists(f"something else is mounted at {target}")
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            raise NotFound(f"the parent directory of target_path {target} does not exist")
+        created = False
         if block:
             if os.path.isdir(target):
                 raise InvalidArgument(f"target_path {target} is a directory; block volumes "
@@ -959,17 +963,21 @@ class VolumeService:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                              | os.O_NOFOLLOW, 0o600)
                 os.close(fd)
+                created = True
         else:
             if os.path.lexists(target) and not os.path.isdir(target):
                 raise InvalidArgument(f"target_path {target} exists and is not a directory")
-            parent = os.path.dirname(target)
-            if not os.path.isdir(parent):
-                raise NotFound(f"the parent directory of target_path {target} does not exist")
             if not os.path.lexists(target):
                 os.mkdir(target, 0o750)
+                created = True
         crash_point("publish.after_mkdir")
         bind_flags = [f for f in flags if f in ("nosuid", "nodev", "noexec")]
-        mounts.bind_mount(source, target, read_only=readonly, options=bind_flags)
+        try:
+            mounts.bind_mount(source, target, read_only=readonly, options=bind_flags)
+        except BaseException:
+            if created:
+                _remove_target(target)  # leave nothing half-made behind
+            raise
         crash_point("publish.after_mount")
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
