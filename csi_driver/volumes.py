@@ -25,6 +25,7 @@ ABORTED.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -654,7 +655,7 @@ class VolumeService:
         extra = wanted - rec.capacity_bytes
         with getattr(pool, "alloc_lock", _NULL_LOCK):
             cap = self.capacity(pool, rec.thin)
-            if extra > cap.maximum_volume_bytes and extra > cap.available_bytes:
+            if pool.shares_space and extra > cap.available_bytes:
                 raise ResourceExhausted(
                     f"pool {pool.name} cannot grow volume {rec.id} by {extra} bytes"
                 )
@@ -697,20 +698,37 @@ class VolumeService:
                         f"volume {volume_id} is already staged at {path} with another capability"
                     )
             pool = self.pool_of(rec)
+            fresh = rec.staging is None and pool.attached_device(rec) is None
             device = pool.attach(rec)
             crash_point("stage.after_attach")
             wanted.device = device
-            if not cap.block:
-                self._mount_staging(rec, device=device, path=path, fs_type=fs_type,
-                                    flags=flags, cap=cap)
-                if cap.mount_group:
-                    _apply_group(path, cap.mount_group)
-            elif not os.path.exists(path):
-                os.makedirs(path, mode=0o750, exist_ok=True)
+            try:
+                if not cap.block:
+                    self._mount_staging(rec, device=device, path=path, fs_type=fs_type,
+                                        flags=flags, cap=cap)
+                    if cap.mount_group:
+                        _apply_group(path, cap.mount_group)
+                elif not os.path.exists(path):
+                    os.makedirs(path, mode=0o750, exist_ok=True)
+            except BaseException:
+                if fresh:
+                    self._undo_attach(rec, path)
+                raise
             if rec.staging != wanted:
                 rec.staging = wanted
                 self.store.put_volume(rec)
             crash_point("stage.after_record")
+
+    def _undo_attach(self, rec: VolumeRecord, path: str) -> None:
+        """A failed first stage leaves no mount and no loop device behind."""
+        try:
+            device = self.pool_of(rec).attached_device(rec)
+            if device is not None:
+                self._unmount_ours(path, _Owned.of(device))
+            self.pool_of(rec).detach(rec)
+        except (DomainError, OSError) as exc:
+            log.error("could not undo the failed stage of %s: %s", rec.id, exc,
+                      extra={"volume_id": rec.id})
 
     def _check_node_cap(self, rec: VolumeRecord, cap: Capability) -> None:
         if cap.access_mode not in SINGLE_NODE_MODES:
@@ -774,8 +792,15 @@ class VolumeService:
         options = list(flags)
         if fs_type == "xfs" and rec.nouuid and "nouuid" not in options:
             options.append("nouuid")
-        mounts.mount(device, path, fs_type, options,
-                     read_only=cap.access_mode in READ_ONLY_MODES)
+        try:
+            mounts.mount(device, path, fs_type, options,
+                         read_only=cap.access_mode in READ_ONLY_MODES)
+        except mounts.MountError as exc:
+            if exc.errno == errno.EINVAL and flags:
+                raise InvalidArgument(
+                    f"{fs_type} refused the mount options {', '.join(flags)}: {exc}"
+                ) from exc
+            raise
         crash_point("stage.after_mount")
         self._grow_if_pending(rec, device, path, fs_type)
 
@@ -783,7 +808,14 @@ class VolumeService:
         if not rec.fs_grow_pending:
             return
         self.pool_of(rec).refresh(rec)
-        filesystems.grow_filesystem(fs_type, device, path)
+        try:
+            filesystems.grow_filesystem(fs_type, device, path)
+        except FailedPrecondition as exc:
+            # ext4 already mounted and no CAP_SYS_RESOURCE: the volume works at its old
+            # size and grows offline at the next stage.
+            log.warning("volume %s: filesystem not grown yet: %s", rec.id, exc,
+                        extra={"volume_id": rec.id})
+            return
         rec.fs_grow_pending = False
         self.store.put_volume(rec)
 
@@ -919,6 +951,10 @@ class VolumeService:
             if ours.matches(current) and current.read_only == readonly:
                 return
             raise AlreadyExists(f"something else is mounted at {target}")
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            raise NotFound(f"the parent directory of target_path {target} does not exist")
+        created = False
         if block:
             if os.path.isdir(target):
                 raise InvalidArgument(f"target_path {target} is a directory; block volumes "
@@ -927,17 +963,21 @@ class VolumeService:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                              | os.O_NOFOLLOW, 0o600)
                 os.close(fd)
+                created = True
         else:
             if os.path.lexists(target) and not os.path.isdir(target):
                 raise InvalidArgument(f"target_path {target} exists and is not a directory")
-            parent = os.path.dirname(target)
-            if not os.path.isdir(parent):
-                raise NotFound(f"the parent directory of target_path {target} does not exist")
             if not os.path.lexists(target):
                 os.mkdir(target, 0o750)
+                created = True
         crash_point("publish.after_mkdir")
         bind_flags = [f for f in flags if f in ("nosuid", "nodev", "noexec")]
-        mounts.bind_mount(source, target, read_only=readonly, options=bind_flags)
+        try:
+            mounts.bind_mount(source, target, read_only=readonly, options=bind_flags)
+        except BaseException:
+            if created:
+                _remove_target(target)  # leave nothing half-made behind
+            raise
         crash_point("publish.after_mount")
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:

@@ -99,6 +99,7 @@ class Pool(Protocol):
     config: PoolConfig
     kind: str  # "image" or "disk"
     supports_snapshots: bool
+    shares_space: bool  # volumes share one filesystem's space (images), not whole disks
 
     def start(self) -> None:
         """Prepare the pool (directories, disk mounts); safe to call again."""

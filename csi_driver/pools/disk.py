@@ -77,6 +77,7 @@ class DiskPool:
         self.state_dir = state_dir
         self.mode = config.mode
         self.supports_snapshots = self.mode == "backing"
+        self.shares_space = self.mode == "backing"
         self.selector = _selector(config)
         self.mount_root = os.path.join(state_dir, "disks")
         self.alloc_lock = threading.Lock()

@@ -28,7 +28,13 @@ from csi_driver.config import PoolConfig
 from csi_driver.pools.base import Capacity, Orphan, compute_capacity
 from csi_driver.store import VolumeRecord, fsync_dir
 from plugin_runtime import commands
-from plugin_runtime.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from plugin_runtime.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,23 @@ def loops_backed_by(path: str) -> list[str]:
     return sorted(found, key=lambda d: int(d[9:]))
 
 
+def detach_image(path: str) -> None:
+    """Detach every loop device backed by ``path``.
+
+    ``loop.detach`` can report a device as still held when, between its
+    LOOP_CLR_FD and its check, the freed device was already taken by another
+    volume's attach (16 workers attach and detach concurrently).  What matters
+    here is whether the device still shows *this* image, so that is re-checked.
+    """
+    for device in loops_backed_by(path):
+        try:
+            loop.detach(device)
+        except FailedPrecondition:
+            if device in loops_backed_by(path):
+                raise
+            log.debug("%s was detached and immediately reused by another volume", device)
+
+
 def _fill(fd: int, size: int, thin: bool, what: str) -> None:
     try:
         if thin:
@@ -79,6 +102,7 @@ def _fill(fd: int, size: int, thin: bool, what: str) -> None:
 class ImagePool:
     kind = "image"
     supports_snapshots = True
+    shares_space = True
 
     def __init__(self, config: PoolConfig, path: str | None = None) -> None:
         self.name = config.name
@@ -142,8 +166,7 @@ class ImagePool:
 
     def release(self, rec: VolumeRecord) -> None:
         path = self.image_path(rec.id)
-        for device in loops_backed_by(path):
-            loop.detach(device)
+        detach_image(path)
         for name in (path, os.path.join(self.volume_dir, f".{rec.id}.img.partial")):
             try:
                 os.unlink(name)
@@ -192,8 +215,7 @@ class ImagePool:
         return found[0] if found else None
 
     def detach(self, rec: VolumeRecord) -> None:
-        for device in loops_backed_by(self.image_path(rec.id)):
-            loop.detach(device)
+        detach_image(self.image_path(rec.id))
 
     def refresh(self, rec: VolumeRecord) -> None:
         for device in loops_backed_by(self.image_path(rec.id)):

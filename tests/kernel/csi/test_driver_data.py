@@ -531,3 +531,17 @@ def test_disks_that_appear_later_join_and_vanished_disks_turn_volumes_abnormal(l
 
         assert _wait_for(abnormal)
         csi.delete(vol.volume_id)
+
+
+def test_a_failed_first_stage_leaves_no_loop_device_or_mount(csi, kubelet, driver):
+    v = Volume(csi, kubelet, "mount", "ext4", 16 * MiB)
+    bad = mount_cap("ext4", flags=("nouuid",))  # allowed (xfs), but ext4 refuses it
+    with pytest.raises(grpc.RpcError) as info:
+        csi.stage(v.id, v.staging, bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nouuid" in str(info.value.details())
+    assert_clean(driver)
+    v.up()  # and the volume still stages normally
+    v.down()
+    v.delete()
+    assert_clean(driver)
