@@ -114,3 +114,9 @@ def open_fd(path: str, flags: int = os.O_RDONLY) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+# Fixtures of the driver-level kernel suites (shared with tests/grpc/csi).
+from tests.grpc.csi.driver_harness import csi, driver, kubelet, unique  # noqa: E402
+
+__all__ = ["Scratch", "csi", "driver", "kubelet", "open_fd", "scratch", "unique"]

@@ -1,0 +1,385 @@
+"""Disk pool: whole disks found through udev by a selector.
+
+Two modes (``mode`` in the pool config):
+
+- ``volume``: each disk is one volume, raw (block) or formatted (mount).  A
+  create takes the smallest free disk that is at least the requested size; the
+  volume's backing is the disk's stable id (WWN, serial, loop backing file...),
+  never its kernel name, so it survives renumbering.  DeleteVolume wipes the
+  signatures (``wipefs -a``) so the disk becomes free again.  Snapshots and
+  clones are not offered (there is nowhere to put the copy).
+- ``backing``: every matched disk is formatted with ``backing_fs_type`` (xfs
+  or btrfs, so snapshots are reflinks), labelled as ours, and mounted under
+  ``<state-dir>/disks/<disk-id>``; each mount is an image-file pool
+  (``ImagePool``) and a new volume goes to the disk with the most free space.
+
+A disk is taken only if ``disks.unsafe_reason`` finds nothing wrong (no
+partitions, signature, holders, mounts; not the disk under / or the state
+dir).  Disks already in use by this pool (a volume's disk, a backing disk
+with our label) are recognised and kept.  A ``DiskWatcher`` adds disks that
+appear later; a disk that vanishes makes its volumes' condition abnormal
+(``backing_exists`` is false), and nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from csi_driver import disks, filesystems, mounts
+from csi_driver.config import PoolConfig
+from csi_driver.pools.base import Capacity, Orphan, compute_capacity
+from csi_driver.pools.imagefile import ImagePool
+from csi_driver.store import VolumeRecord
+from plugin_runtime import commands
+from plugin_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+
+log = logging.getLogger(__name__)
+
+LABEL_PREFIX = "hk-"  # xfs labels hold 12 characters
+
+
+def _label(pool: str) -> str:
+    return (LABEL_PREFIX + pool)[:12]
+
+
+def _selector(config: PoolConfig) -> disks.DiskSelector:
+    sel = config.selector
+    assert sel is not None
+    return disks.DiskSelector(
+        properties=dict(sel.properties),
+        attributes=dict(sel.attributes),
+        kernel_names=(sel.kernel,) if sel.kernel else (),
+        min_size=max(1, sel.min_size),
+        max_size=sel.max_size or None,
+    )
+
+
+def _fs_label(device: str) -> str | None:
+    result = commands.run(["blkid", "-p", "-o", "value", "-s", "LABEL", device],
+                          timeout=15, check=False)
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+class DiskPool:
+    kind = "disk"
+
+    def __init__(self, config: PoolConfig, state_dir: str) -> None:
+        self.name = config.name
+        self.config = config
+        self.state_dir = state_dir
+        self.mode = config.mode
+        self.supports_snapshots = self.mode == "backing"
+        self.shares_space = self.mode == "backing"
+        self.selector = _selector(config)
+        self.mount_root = os.path.join(state_dir, "disks")
+        self.alloc_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._disks: dict[str, disks.Disk] = {}  # present and (free or ours)
+        self._refused: dict[str, str] = {}  # disk id -> why it is not used
+        self._claimed: set[str] = set()  # volume mode: disk ids holding volumes
+        self._backing: dict[str, ImagePool] = {}  # backing mode: disk id -> image pool
+        self._watcher: disks.DiskWatcher | None = None
+        self._ready = False
+
+    # ----------------------------------------------------------- lifecycle
+    def adopt(self, records: list[VolumeRecord]) -> None:
+        """Remember which disks hold volumes (volume mode), before discovery starts."""
+        with self._lock:
+            self._claimed = {r.backing for r in records if r.pool == self.name and r.backing}
+
+    def start(self) -> None:
+        if self._watcher is not None:
+            return
+        watcher = disks.DiskWatcher(self.selector, self._on_change)
+        watcher.start()
+        self._watcher = watcher
+        self._ready = True
+
+    def inspect(self) -> None:
+        """One discovery pass without side effects (for ``csi-driver pools``)."""
+        for disk in disks.find_disks(self.selector):
+            reason = self._reason(disk)
+            with self._lock:
+                if reason is None or disk.disk_id in self._claimed:
+                    self._disks[disk.disk_id] = disk
+                else:
+                    self._refused[disk.disk_id] = reason
+            if self.mode == "backing":
+                self._adopt_backing_mount(disk)
+        self._ready = True
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _reason(self, disk: disks.Disk) -> str | None:
+        return disks.unsafe_reason(disk, protected_paths=("/", self.state_dir))
+
+    def _on_change(self, added: list[disks.Disk], removed: list[str]) -> None:
+        for disk in added:
+            try:
+                self._join(disk)
+            except Exception as exc:
+                log.error("pool %s: cannot use disk %s: %s", self.name, disk.devnode, exc)
+                with self._lock:
+                    self._refused[disk.disk_id] = str(exc)
+        for disk_id in removed:
+            with self._lock:
+                gone = self._disks.pop(disk_id, None)
+                self._refused.pop(disk_id, None)
+            if gone is not None:
+                log.warning("pool %s: disk %s (%s) vanished; its volumes are abnormal",
+                            self.name, gone.devnode, disk_id)
+
+    def _join(self, disk: disks.Disk) -> None:
+        with self._lock:
+            claimed = disk.disk_id in self._claimed
+        if self.mode == "volume":
+            reason = None if claimed else self._reason(disk)
+            with self._lock:
+                if reason is None:
+                    self._disks[disk.disk_id] = disk
+                    self._refused.pop(disk.disk_id, None)
+                    log.info("pool %s: disk %s (%s, %d bytes) joined", self.name, disk.devnode,
+                             disk.disk_id, disk.size_bytes)
+                else:
+                    self._refused[disk.disk_id] = reason
+                    self._disks.pop(disk.disk_id, None)
+            return
+        if self._adopt_backing_mount(disk):
+            return
+        target = os.path.join(self.mount_root, disk.disk_id)
+        if filesystems.probe_filesystem(disk.devnode) == self.config.backing_fs_type and \
+                _fs_label(disk.devnode) == _label(self.name):
+            pass  # formatted by us before; mount it again
+        else:
+            reason = self._reason(disk)
+            if reason is not None:
+                with self._lock:
+                    self._refused[disk.disk_id] = reason
+                return
+            filesystems.make_filesystem(disk.devnode, self.config.backing_fs_type,
+                                        label=_label(self.name))
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        mounts.mount(disk.devnode, target, self.config.backing_fs_type, ("noatime",))
+        self._add_backing(disk, target)
+
+    def _adopt_backing_mount(self, disk: disks.Disk) -> bool:
+        target = os.path.join(self.mount_root, disk.disk_id)
+        entry = mounts.find_mount(target) if os.path.isdir(target) else None
+        if entry is None or entry.source != disk.devnode:
+            return False
+        self._add_backing(disk, target)
+        return True
+
+    def _add_backing(self, disk: disks.Disk, target: str) -> None:
+        sub = ImagePool(self.config, path=target)
+        sub.start()
+        with self._lock:
+            self._disks[disk.disk_id] = disk
+            self._backing[disk.disk_id] = sub
+            self._refused.pop(disk.disk_id, None)
+        log.info("pool %s: disk %s backs images at %s", self.name, disk.devnode, target)
+
+    # ------------------------------------------------------------ helpers
+    def _sub_of(self, rec: VolumeRecord) -> ImagePool:
+        with self._lock:
+            subs = dict(self._backing)
+        for sub in subs.values():
+            if rec.backing.startswith(sub.path + "/") or (
+                not rec.backing and os.path.exists(sub.image_path(rec.id))
+            ):
+                return sub
+        raise NotFound(f"the disk backing volume {rec.id} is not present")
+
+    def _disk_of(self, rec: VolumeRecord) -> disks.Disk:
+        with self._lock:
+            disk = self._disks.get(rec.backing)
+        if disk is None:
+            raise NotFound(f"disk {rec.backing or '?'} of volume {rec.id} is not present")
+        return disk
+
+    def _free_disks(self) -> list[disks.Disk]:
+        with self._lock:
+            return sorted((d for k, d in self._disks.items() if k not in self._claimed),
+                          key=lambda d: (d.size_bytes, d.kernel_name))
+
+    def describe(self) -> dict[str, object]:
+        with self._lock:
+            used = [{"id": k, "device": d.devnode, "size_bytes": d.size_bytes,
+                     "state": "in use" if k in self._claimed or k in self._backing else "free"}
+                    for k, d in sorted(self._disks.items())]
+            refused = [{"id": k, "state": "refused", "reason": r}
+                       for k, r in sorted(self._refused.items())]
+        return {"mode": self.mode, "disks": used + refused}
+
+    # ----------------------------------------------------------- capacity
+    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+        if self.mode == "backing":
+            with self._lock:
+                subs = list(self._backing.values())
+            total = free = 0
+            for sub in subs:
+                t, f = sub.fs_stats()
+                total += t
+                free += f
+            cap = compute_capacity(
+                total=total, free=free, reserve_bytes=self.config.reserve_bytes,
+                reserve_percent=self.config.reserve_percent, thin=thin,
+                overcommit_ratio=self.config.overcommit_ratio, provisioned=provisioned)
+            biggest = max((sub.capacity(thin, 0).maximum_volume_bytes for sub in subs),
+                          default=0)
+            return Capacity(cap.total_bytes, cap.available_bytes,
+                            min(cap.maximum_volume_bytes, biggest), cap.free_bytes,
+                            cap.reserve_bytes, cap.provisioned_bytes)
+        with self._lock:
+            total = sum(d.size_bytes for d in self._disks.values())
+        free_disks = self._free_disks()
+        available = sum(d.size_bytes for d in free_disks)
+        biggest = max((d.size_bytes for d in free_disks), default=0)
+        return Capacity(total, available, biggest, available, 0, provisioned)
+
+    # ------------------------------------------------------------ backing
+    def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
+        if self.mode == "backing":
+            if rec.backing:
+                return self._sub_of(rec).allocate(rec, source)
+            with self._lock:
+                subs = list(self._backing.values())
+            if not subs:
+                raise ResourceExhausted(f"pool {self.name} has no disks")
+            best = max(subs, key=lambda s: s.fs_stats()[1])
+            return best.allocate(rec, source)
+        if source is not None:
+            raise InvalidArgument(f"pool {self.name} gives whole disks: no snapshots or clones")
+        if rec.backing:
+            self._disk_of(rec)
+            return rec.backing
+        for disk in self._free_disks():
+            if disk.size_bytes >= rec.capacity_bytes:
+                if self._reason(disk) is not None:
+                    continue  # changed since discovery
+                with self._lock:
+                    self._claimed.add(disk.disk_id)
+                log.info("pool %s: disk %s (%s) holds volume %s", self.name, disk.devnode,
+                         disk.disk_id, rec.id)
+                return disk.disk_id
+        raise ResourceExhausted(
+            f"pool {self.name} has no free disk of at least {rec.capacity_bytes} bytes"
+        )
+
+    def release(self, rec: VolumeRecord) -> None:
+        if self.mode == "backing":
+            try:
+                self._sub_of(rec).release(rec)
+            except NotFound:
+                log.warning("volume %s: its backing disk is gone; forgetting it", rec.id)
+            return
+        if not rec.backing:
+            return
+        with self._lock:
+            disk = self._disks.get(rec.backing)
+        if disk is not None:
+            commands.run(["wipefs", "-a", disk.devnode], timeout=60)
+        with self._lock:
+            self._claimed.discard(rec.backing)
+
+    def backing_exists(self, rec: VolumeRecord) -> bool:
+        if self.mode == "backing":
+            try:
+                return self._sub_of(rec).backing_exists(rec)
+            except NotFound:
+                return False
+        with self._lock:
+            disk = self._disks.get(rec.backing)
+        return disk is not None and os.path.exists(disk.devnode)
+
+    def format_new(self, rec: VolumeRecord) -> None:
+        if self.mode == "backing":
+            self._sub_of(rec).format_new(rec)
+            return
+        filesystems.make_filesystem(self._disk_of(rec).devnode, rec.fs_type, check_empty=False)
+
+    def format_target(self, rec: VolumeRecord) -> str:
+        if self.mode == "backing":
+            return self._sub_of(rec).format_target(rec)
+        return self._disk_of(rec).devnode
+
+    def grow(self, rec: VolumeRecord, new_size: int) -> int:
+        if self.mode == "backing":
+            return self._sub_of(rec).grow(rec, new_size)
+        disk = self._disk_of(rec)
+        if new_size > disk.size_bytes:
+            raise OutOfRange(
+                f"volume {rec.id} is a whole disk of {disk.size_bytes} bytes; it cannot grow "
+                f"to {new_size}"
+            )
+        return new_size
+
+    def attach(self, rec: VolumeRecord) -> str:
+        if self.mode == "backing":
+            return self._sub_of(rec).attach(rec)
+        return self._disk_of(rec).devnode
+
+    def attached_device(self, rec: VolumeRecord) -> str | None:
+        if self.mode == "backing":
+            try:
+                return self._sub_of(rec).attached_device(rec)
+            except NotFound:
+                return None
+        with self._lock:
+            disk = self._disks.get(rec.backing)
+        return disk.devnode if disk is not None else None
+
+    def detach(self, rec: VolumeRecord) -> None:
+        if self.mode == "backing":
+            try:
+                self._sub_of(rec).detach(rec)
+            except NotFound:
+                return
+
+    def refresh(self, rec: VolumeRecord) -> None:
+        if self.mode == "backing":
+            self._sub_of(rec).refresh(rec)
+
+    def snapshot_path(self, snapshot_id: str) -> str:
+        if self.mode != "backing":
+            raise FailedPrecondition(f"pool {self.name} does not support snapshots")
+        with self._lock:
+            subs = list(self._backing.values())
+        for sub in subs:
+            path = sub.snapshot_path(snapshot_id)
+            if os.path.exists(path):
+                return path
+        if not subs:
+            raise ResourceExhausted(f"pool {self.name} has no disks")
+        return max(subs, key=lambda s: s.fs_stats()[1]).snapshot_path(snapshot_id)
+
+    def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
+        found: list[Orphan] = []
+        mine = [r for r in records if r.pool == self.name]
+        if self.mode == "backing":
+            with self._lock:
+                subs = list(self._backing.values())
+            for sub in subs:
+                found += sub.orphans(records, snapshot_paths)
+            return found
+        for rec in mine:
+            if rec.state != "creating" and not self.backing_exists(rec):
+                found.append(Orphan("record-without-disk", self.name, rec.backing,
+                                    f"volume {rec.id} ({rec.name})"))
+        return found

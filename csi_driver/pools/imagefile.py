@@ -1,0 +1,293 @@
+"""Image-file pool: each volume is an image file in a directory, seen through a loop device.
+
+Layout under the pool path::
+
+    volumes/<volume-id>.img       one image per volume (mode 0600)
+    snapshots/<snapshot-id>.img   one image per snapshot
+    volumes/.<id>.img.partial     an image being built (removed or completed on retry)
+
+Thin images are sparse (``ftruncate``); thick images are preallocated
+(``posix_fallocate``), so a thick volume can never hit ENOSPC later.  A new image
+is built under a ``.partial`` name and renamed into place, so an image with its
+final name is always complete (a crash mid-copy or mid-fallocate leaves only a
+partial file, which the retry replaces).  The image size is the volume's hard
+size limit.  Loop devices are attached with direct I/O (no second copy in the
+page cache) and found again by their backing file, so a retry never leaks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+
+from csi_driver import filesystems, loop
+from csi_driver.config import PoolConfig
+from csi_driver.pools.base import Capacity, Orphan, compute_capacity
+from csi_driver.store import VolumeRecord, fsync_dir
+from plugin_runtime import commands
+from plugin_runtime.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+
+log = logging.getLogger(__name__)
+
+
+SYS_BLOCK = "/sys/block"
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``, read from sysfs alone.
+
+    No device node is opened, so concurrent operations never look like holders to
+    a detach that waits for the last close (``loop.find_by_backing_file`` opens
+    every bound device for its status).  The pool owns its image paths, so the
+    path string identifies the image.
+    """
+    found = []
+    path = os.path.realpath(path)  # sysfs shows the resolved path
+    try:
+        names = os.listdir(SYS_BLOCK)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith("loop") and name[4:].isdigit():
+            try:
+                backing = loop.backing_file(f"/dev/{name}")
+            except OSError:
+                continue  # ENODEV: being torn down right now
+            if backing is not None and backing.removesuffix(" (deleted)") == path:
+                found.append(f"/dev/{name}")
+    return sorted(found, key=lambda d: int(d[9:]))
+
+
+def detach_image(path: str) -> None:
+    """Detach every loop device backed by ``path``.
+
+    ``loop.detach`` can report a device as still held when, between its
+    LOOP_CLR_FD and its check, the freed device was already taken by another
+    volume's attach (16 workers attach and detach concurrently).  What matters
+    here is whether the device still shows *this* image, so that is re-checked.
+    """
+    for device in loops_backed_by(path):
+        try:
+            loop.detach(device)
+        except FailedPrecondition:
+            if device in loops_backed_by(path):
+                raise
+            log.debug("%s was detached and immediately reused by another volume", device)
+
+
+def _fill(fd: int, size: int, thin: bool, what: str) -> None:
+    try:
+        if thin:
+            os.ftruncate(fd, size)
+        else:
+            current = os.fstat(fd).st_size
+            if size > current:
+                os.posix_fallocate(fd, current, size - current)
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise ResourceExhausted(f"no space for {what} ({size} bytes): {exc.strerror}") from None
+        raise Internal(f"cannot size {what} to {size} bytes: {exc.strerror}") from exc
+
+
+class ImagePool:
+    kind = "image"
+    supports_snapshots = True
+    shares_space = True
+
+    def __init__(self, config: PoolConfig, path: str | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.path = path or config.path
+        self.volume_dir = os.path.join(self.path, "volumes")
+        self.snapshot_dir = os.path.join(self.path, "snapshots")
+        self._ready = False
+        # Serializes "check capacity, then allocate" so concurrent creates cannot
+        # both take the last free bytes.
+        self.alloc_lock = threading.Lock()
+
+    def start(self) -> None:
+        for d in (self.path, self.volume_dir, self.snapshot_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self._ready = True
+
+    def stop(self) -> None:
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def image_path(self, volume_id: str) -> str:
+        return os.path.join(self.volume_dir, f"{volume_id}.img")
+
+    def snapshot_path(self, snapshot_id: str) -> str:
+        return os.path.join(self.snapshot_dir, f"{snapshot_id}.img")
+
+    def fs_stats(self) -> tuple[int, int]:
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+        total, free = self.fs_stats()
+        return compute_capacity(
+            total=total,
+            free=free,
+            reserve_bytes=self.config.reserve_bytes,
+            reserve_percent=self.config.reserve_percent,
+            thin=thin,
+            overcommit_ratio=self.config.overcommit_ratio,
+            provisioned=provisioned,
+        )
+
+    def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
+        final = self.image_path(rec.id)
+        if os.path.exists(final):
+            size = os.stat(final).st_size
+            if size < rec.capacity_bytes:
+                self.grow(rec, rec.capacity_bytes)
+            return final
+        partial = os.path.join(self.volume_dir, f".{rec.id}.img.partial")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)  # left by a crash mid-build
+        build_image(partial, rec.capacity_bytes, rec.thin, source, f"volume {rec.id}")
+        os.rename(partial, final)
+        fsync_dir(self.volume_dir)
+        return final
+
+    def release(self, rec: VolumeRecord) -> None:
+        path = self.image_path(rec.id)
+        detach_image(path)
+        for name in (path, os.path.join(self.volume_dir, f".{rec.id}.img.partial")):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                continue
+        fsync_dir(self.volume_dir)
+
+    def backing_exists(self, rec: VolumeRecord) -> bool:
+        return os.path.isfile(self.image_path(rec.id))
+
+    def format_new(self, rec: VolumeRecord) -> None:
+        # The image is ours and fresh (the record is still "creating", it was never
+        # handed out), so mkfs runs on the file itself, without a loop device, and
+        # may overwrite a half-made filesystem left by a crash.
+        commands.run(image_mkfs_argv(self.image_path(rec.id), rec.fs_type),
+                     timeout=MKFS_TIMEOUT)
+
+    def format_target(self, rec: VolumeRecord) -> str:
+        return self.image_path(rec.id)
+
+    def grow(self, rec: VolumeRecord, new_size: int) -> int:
+        path = self.image_path(rec.id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"image of volume {rec.id} is missing ({path})") from None
+        try:
+            if os.fstat(fd).st_size < new_size:
+                _fill(fd, new_size, rec.thin, f"volume {rec.id}")
+                os.fsync(fd)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def attach(self, rec: VolumeRecord) -> str:
+        path = self.image_path(rec.id)
+        existing = loops_backed_by(path)
+        if existing:
+            return existing[0]
+        if not os.path.isfile(path):
+            raise NotFound(f"image of volume {rec.id} is missing ({path})")
+        return loop.attach(path, direct_io=self.config.direct_io)
+
+    def attached_device(self, rec: VolumeRecord) -> str | None:
+        found = loops_backed_by(self.image_path(rec.id))
+        return found[0] if found else None
+
+    def detach(self, rec: VolumeRecord) -> None:
+        detach_image(self.image_path(rec.id))
+
+    def refresh(self, rec: VolumeRecord) -> None:
+        for device in loops_backed_by(self.image_path(rec.id)):
+            loop.refresh_capacity(device)
+
+    def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
+        found: list[Orphan] = []
+        mine = {self.image_path(r.id): r for r in records if r.pool == self.name
+                and (not r.backing or r.backing.startswith(self.path + "/"))}
+        for directory, known in ((self.volume_dir, set(mine)), (self.snapshot_dir, snapshot_paths)):
+            try:
+                entries = sorted(os.listdir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                path = os.path.join(directory, entry)
+                if entry.endswith(".partial"):
+                    found.append(Orphan("partial-image", self.name, path,
+                                        "left by an interrupted create; a retry replaces it"))
+                elif path not in known:
+                    found.append(Orphan("image-without-record", self.name, path))
+        for path, rec in mine.items():
+            if rec.state != "creating" and not os.path.isfile(path):
+                found.append(Orphan("record-without-image", self.name, path,
+                                    f"volume {rec.id} ({rec.name})"))
+        staged = {self.image_path(r.id) for r in records if r.staging is not None}
+        for info in loop.list_attached():
+            backing = info.backing_file or ""
+            if backing.startswith(self.path + "/") and backing not in staged:
+                found.append(Orphan("loop-not-staged", self.name, info.device,
+                                    f"backed by {backing}"))
+        return found
+
+
+MKFS_TIMEOUT = 300.0
+
+
+def image_mkfs_argv(path: str, fs_type: str) -> list[str]:
+    """mkfs for a fresh image file.
+
+    A new image reads as zeros (sparse, or fallocated extents that are unwritten),
+    so ext4 may skip zeroing its journal and inode tables; discard is pointless on
+    a file.  4 KiB blocks/sectors keep the filesystem mountable whatever logical
+    block size the loop device inherits from the pool's disk (512 B or 4 KiB).
+    """
+    if fs_type == "ext4":
+        return ["mkfs.ext4", "-F", "-q", "-b", "4096", "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1", path]
+    if fs_type == "xfs":
+        return ["mkfs.xfs", "-f", "-q", "-K", "-s", "size=4096", path]
+    if fs_type == "btrfs":
+        return ["mkfs.btrfs", "-f", "-q", "-K", path]
+    raise InvalidArgument(f"fs type {fs_type!r} is not supported")
+
+
+def build_image(path: str, size: int, thin: bool, source: str | None, what: str) -> None:
+    """Create ``path`` of ``size`` bytes, empty or with the data of ``source``."""
+    try:
+        if source is not None:
+            if not filesystems.reflink_copy(source, path):
+                filesystems.sparse_copy(source, path)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            if os.fstat(fd).st_size < size:
+                _fill(fd, size, thin, what)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise

@@ -1,0 +1,95 @@
+"""Start-up reconciliation: make the host match the records where that is safe,
+and report everything else.  It never deletes data.
+
+What it does:
+
+- thaws the staging mount of every staged filesystem volume (a crash during a
+  snapshot can leave one frozen, which would hang every writer);
+- re-attaches the loop device of every volume recorded as staged whose device
+  is gone (after a reboot), so the kubelet's NodeStage finds it and mounts the
+  data again; the record's device path is updated.
+
+What it reports (log lines, ``csi-driver pools``, the hostkit_csi_orphans gauge):
+
+- image files without a record, records whose backing is missing, loop
+  devices backed by pool files of volumes that are not staged, partial images;
+- records left "creating" or "deleting" by a crash (the CO's retry finishes them);
+- publications whose target is no longer mounted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from csi_driver import filesystems, mounts
+from csi_driver.pools.base import Orphan
+from csi_driver.store import CREATING, DELETING, Store
+from csi_driver.volumes import VolumeService
+from plugin_runtime.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+
+def find_orphans(volumes: VolumeService) -> list[Orphan]:
+    store: Store = volumes.store
+    records = store.volumes()
+    snapshot_paths = {s.backing for s in store.snapshots() if s.backing}
+    found: list[Orphan] = []
+    for pool in volumes.pools.values():
+        if not pool.ready:
+            continue
+        try:
+            found += pool.orphans(records, snapshot_paths)
+        except (OSError, DomainError) as exc:
+            log.warning("cannot scan pool %s for orphans: %s", pool.name, exc)
+    for rec in records:
+        if rec.state == CREATING:
+            found.append(Orphan("incomplete-create", rec.pool, rec.id,
+                                f"name {rec.name}; a CreateVolume retry finishes it"))
+        elif rec.state == DELETING:
+            found.append(Orphan("incomplete-delete", rec.pool, rec.id,
+                                f"name {rec.name}; a DeleteVolume retry finishes it"))
+        for target in rec.publications:
+            if not mounts.is_mountpoint(target):
+                found.append(Orphan("stale-publication", rec.pool, target, f"volume {rec.id}"))
+    for path in store.unreadable:
+        found.append(Orphan("unreadable-record", "", path))
+    return found
+
+
+def reconcile(volumes: VolumeService) -> list[Orphan]:
+    """Re-attach staged volumes, thaw their mounts, and return what does not add up."""
+    store = volumes.store
+    for rec in store.volumes():
+        if rec.staging is None or rec.state != "ready":
+            continue
+        pool = volumes.pools.get(rec.pool)
+        if pool is None or not pool.ready:
+            continue
+        try:
+            with volumes.locks.hold(f"vol:{rec.id}"):
+                if not rec.staging.block and mounts.is_mountpoint(rec.staging.path):
+                    filesystems.thaw(rec.staging.path)
+                device = pool.attached_device(rec)
+                if device is None:
+                    if not pool.backing_exists(rec):
+                        log.error("volume %s is staged but its backing is gone", rec.id,
+                                  extra={"volume_id": rec.id})
+                        continue
+                    device = pool.attach(rec)
+                    log.info("re-attached staged volume %s as %s", rec.id, device,
+                             extra={"volume_id": rec.id})
+                if rec.staging.device != device:
+                    rec.staging.device = device
+                    store.put_volume(rec)
+        except (OSError, DomainError) as exc:
+            log.error("cannot reconcile volume %s: %s", rec.id, exc, extra={"volume_id": rec.id})
+    orphans = find_orphans(volumes)
+    for orphan in orphans:
+        log.warning("reconcile: %s in pool %s: %s %s", orphan.kind, orphan.pool or "-",
+                    orphan.path, orphan.detail)
+    log.info("reconcile done: %d volumes, %d snapshots, %d findings",
+             len(store.volumes()), len(store.snapshots()), len(orphans))
+    return orphans
+
+

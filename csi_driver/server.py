@@ -1,0 +1,100 @@
+"""Assembling the driver: store, pools, services and the gRPC server on one socket.
+
+``Driver.start`` binds the socket first and prepares the pools in the
+background, so the kubelet and sidecars can connect at once; Probe answers
+ready=false until every pool is ready and the start-up reconcile has run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+
+from csi_driver import metrics, reconcile
+from csi_driver.api import pb_grpc
+from csi_driver.config import DriverConfig
+from csi_driver.controller_service import ControllerServicer
+from csi_driver.identity_service import IdentityServicer
+from csi_driver.node_service import NodeServicer
+from csi_driver.pools import build_pools
+from csi_driver.pools.base import Orphan
+from csi_driver.snapshots import SnapshotService
+from csi_driver.store import Store
+from csi_driver.volumes import VolumeService
+from plugin_runtime.server import UnixSocketServer
+
+log = logging.getLogger(__name__)
+
+WORKERS = 16
+
+
+def _trim_heap() -> None:
+    """Give the memory freed while importing and building descriptors back to the OS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
+class Driver:
+    def __init__(
+        self, config: DriverConfig, node_id: str, state_dir: str, endpoint: str
+    ) -> None:
+        self.config = config
+        self.store = Store(state_dir)
+        self.pools = build_pools(config, state_dir)
+        self.volumes = VolumeService(config, node_id, self.store, self.pools)
+        self.snapshots = SnapshotService(self.volumes)
+        self.orphans: list[Orphan] = []
+        self._prepared = threading.Event()
+        self._collector: metrics.CsiCollector | None = None
+        self.server = UnixSocketServer(endpoint, self._register, max_workers=WORKERS)
+        self.failure: BaseException | None = None
+
+    def ready(self) -> bool:
+        return self._prepared.is_set() and self.volumes.ready
+
+    def _register(self, server: grpc.Server) -> None:
+        pb_grpc.add_IdentityServicer_to_server(  # type: ignore[no-untyped-call]
+            IdentityServicer(self.ready), server
+        )
+        pb_grpc.add_ControllerServicer_to_server(  # type: ignore[no-untyped-call]
+            ControllerServicer(self.volumes, self.snapshots), server
+        )
+        pb_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
+            NodeServicer(self.volumes, self.config.max_volumes_per_node), server
+        )
+
+    def prepare(self) -> None:
+        """Start the pools and reconcile (blocking)."""
+        try:
+            for pool in self.pools:
+                pool.start()
+            self.orphans = reconcile.reconcile(self.volumes)
+            _trim_heap()
+            self._prepared.set()
+            log.info("driver ready: pools %s", ", ".join(p.name for p in self.pools))
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("preparing the pools failed; Probe stays not ready")
+
+    def start(self, background: bool = True) -> None:
+        self._collector = metrics.register(self.volumes, lambda: self.orphans)
+        self.server.start()
+        if background:
+            threading.Thread(target=self.prepare, name="pool-prepare", daemon=True).start()
+        else:
+            self.prepare()
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.server.stop(grace)
+        for pool in self.pools:
+            pool.stop()
+        if self._collector is not None:
+            metrics.unregister(self._collector)
+            self._collector = None

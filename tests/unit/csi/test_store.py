@@ -1,0 +1,140 @@
+"""Record store: atomic writes, crash leftovers, unreadable records, id validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from csi_driver import store as store_mod
+from csi_driver.store import (
+    Publication,
+    SnapshotRecord,
+    Staging,
+    Store,
+    VolumeRecord,
+    is_valid_id,
+    new_snapshot_id,
+    new_volume_id,
+    validate_name,
+)
+from plugin_runtime.errors import InvalidArgument
+
+
+def record(name="pvc-1", **kw):
+    args = {"id": new_volume_id(), "name": name, "pool": "default", "capacity_bytes": 1 << 20,
+            "block": False, "fs_type": "ext4", "thin": True}
+    args.update(kw)
+    return VolumeRecord(**args)
+
+
+def test_round_trip_with_staging_and_publications(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record(state="ready")
+    rec.staging = Staging(path="/k/s", block=False, fs_type="ext4", mount_flags=["noatime"])
+    rec.publications["/k/t"] = Publication(target="/k/t", block=False, readonly=True)
+    s.put_volume(rec)
+    again = Store(str(tmp_path))
+    loaded = again.volume(rec.id)
+    assert loaded == rec
+    assert again.volume_by_name("pvc-1") == rec
+    snap = SnapshotRecord(id=new_snapshot_id(), name="s1", source_volume=rec.id,
+                          pool="default", size_bytes=1, fs_type="ext4", block=False)
+    again.put_snapshot(snap)
+    assert Store(str(tmp_path)).snapshot_by_name("s1") == snap
+
+
+def test_remove_updates_the_name_index(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record()
+    s.put_volume(rec)
+    s.remove_volume(rec.id)
+    assert s.volume_by_name(rec.name) is None
+    assert os.listdir(s.volume_dir) == []
+    s.remove_volume(rec.id)  # absent is fine
+
+
+def test_crash_between_temp_write_and_rename_keeps_the_old_record(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record(capacity_bytes=111)
+    s.put_volume(rec)
+    script = textwrap.dedent(f"""
+        from csi_driver.store import Store
+        s = Store({str(tmp_path)!r})
+        rec = s.volume({rec.id!r})
+        rec.capacity_bytes = 222
+        s.put_volume(rec)
+    """)
+    env = dict(os.environ, HOSTKIT_CRASH_AT="store.before_rename")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60,
+                          cwd=os.getcwd(), capture_output=True, check=False)
+    assert proc.returncode == -9, proc.stderr
+    leftovers = [e for e in os.listdir(s.volume_dir) if ".tmp-" in e]
+    assert leftovers, "the crash should have left the fsynced temp file"
+    reloaded = Store(str(tmp_path))
+    again = reloaded.volume(rec.id)
+    assert again is not None and again.capacity_bytes == 111
+    assert not [e for e in os.listdir(s.volume_dir) if ".tmp-" in e]
+
+
+def test_torn_temp_file_and_unreadable_record_are_ignored_not_deleted(tmp_path):
+    s = Store(str(tmp_path))
+    good = record(name="good")
+    s.put_volume(good)
+    torn = os.path.join(s.volume_dir, f".{good.id}.json.tmp-1-2")
+    with open(torn, "w") as f:
+        f.write('{"id": "vol-')
+    broken_id = new_volume_id()
+    broken = os.path.join(s.volume_dir, f"{broken_id}.json")
+    with open(broken, "w") as f:
+        f.write("{not json")
+    mismatched_id = new_volume_id()
+    with open(os.path.join(s.volume_dir, f"{mismatched_id}.json"), "w") as f:
+        json.dump({"id": good.id}, f)
+    again = Store(str(tmp_path))
+    assert [v.id for v in again.volumes()] == [good.id]
+    assert not os.path.exists(torn)
+    assert os.path.exists(broken)  # never deleted: an operator looks at it
+    assert broken in again.unreadable
+
+
+def test_write_atomically_fsyncs_the_directory(tmp_path, monkeypatch):
+    synced = []
+    real = store_mod.fsync_dir
+
+    def spy(directory):
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(store_mod, "fsync_dir", spy)
+    store_mod.write_atomically(str(tmp_path / "x.json"), b"{}")
+    assert synced == [str(tmp_path)]
+    assert (tmp_path / "x.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("value", [
+    "", "vol-", "vol-../../etc", "vol-" + "0" * 31, "vol-" + "g" * 32, "../vol-" + "0" * 32,
+    "snap-" + "0" * 32, "vol-" + "0" * 32 + "/x", "vol-" + "A" * 32,
+])
+def test_invalid_volume_ids(value):
+    assert not is_valid_id(value, "vol")
+
+
+def test_generated_ids_are_valid():
+    assert is_valid_id(new_volume_id(), "vol")
+    assert is_valid_id(new_snapshot_id(), "snap")
+    assert not is_valid_id(new_snapshot_id(), "vol")
+
+
+def test_names_are_bounded_and_printable():
+    assert validate_name("pvc-1") == "pvc-1"
+    for bad in ("", "x" * 129, "a\nb", "a\0b"):
+        with pytest.raises(InvalidArgument):
+            validate_name(bad)
+    validate_name("é" * 64)  # 128 bytes
+    with pytest.raises(InvalidArgument):
+        validate_name("é" * 65)
