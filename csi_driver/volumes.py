@@ -698,8 +698,9 @@ class VolumeService:
                         f"volume {volume_id} is already staged at {path} with another capability"
                     )
             pool = self.pool_of(rec)
-            fresh = rec.staging is None and pool.attached_device(rec) is None
-            device = pool.attach(rec)
+            existing = pool.attached_device(rec)
+            fresh = rec.staging is None and existing is None
+            device = existing or pool.attach(rec, checked=True)
             crash_point("stage.after_attach")
             wanted.device = device
             try:

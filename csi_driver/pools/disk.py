@@ -330,9 +330,9 @@ class DiskPool:
             )
         return new_size
 
-    def attach(self, rec: VolumeRecord) -> str:
+    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         if self.mode == "backing":
-            return self._sub_of(rec).attach(rec)
+            return self._sub_of(rec).attach(rec, checked=checked)
         return self._disk_of(rec).devnode
 
     def attached_device(self, rec: VolumeRecord) -> str | None:

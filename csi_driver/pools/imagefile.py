@@ -211,9 +211,9 @@ class ImagePool:
         finally:
             os.close(fd)
 
-    def attach(self, rec: VolumeRecord) -> str:
+    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         path = self.image_path(rec.id)
-        existing = loops_backed_by(path, _hint(rec))
+        existing = [] if checked else loops_backed_by(path, _hint(rec))
         if existing:
             return existing[0]
         if not os.path.isfile(path):
