@@ -25,7 +25,7 @@ import threading
 
 from csi_driver import filesystems, loop
 from csi_driver.config import PoolConfig
-from csi_driver.pools.base import Capacity, Orphan, compute_capacity
+from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
 from csi_driver.store import VolumeRecord, fsync_dir
 from plugin_runtime import commands
 from plugin_runtime.errors import (
@@ -218,7 +218,11 @@ class ImagePool:
             return existing[0]
         if not os.path.isfile(path):
             raise NotFound(f"image of volume {rec.id} is missing ({path})")
-        return loop.attach(path, direct_io=self.config.direct_io)
+        # 4 KiB logical blocks: every filesystem made here uses 4 KiB blocks/sectors, so
+        # each block I/O is one aligned direct I/O on the image (measured: fewer
+        # sub-page requests, better qd1 random reads than 512-byte sectors).  Always the
+        # same size, so an image attaches the same way after a reboot.
+        return loop.attach(path, direct_io=self.config.direct_io, block_size=ALIGNMENT)
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
         found = loops_backed_by(self.image_path(rec.id), _hint(rec))
