@@ -102,8 +102,8 @@ def _teardown(csi: Csi, vid: str, staging: str, target: str) -> None:
             call()
 
 
-def _write_and_checksum(vol: Vol, target: str, payload: bytes) -> str:
-    if vol.kind == "block":
+def _write_and_checksum(kind: str, target: str, payload: bytes) -> str:
+    if kind == "block":
         fd = os.open(target, os.O_RDWR)
         try:
             os.pwrite(fd, payload, MiB)
@@ -278,7 +278,7 @@ def test_lifecycle_is_idempotent_and_cleans_up(make_vol: Any, kind: str):
         assert stat.S_ISBLK(os.stat(vol.target).st_mode), "block target must be a device"
     else:
         assert os.path.isdir(vol.target) and _is_mountpoint(vol.target)
-    digest = _write_and_checksum(vol, vol.target, os.urandom(256 * 1024))
+    digest = _write_and_checksum(vol.kind, vol.target, os.urandom(256 * 1024))
     assert _read_checksum(kind, vol.target, 256 * 1024) == digest
     for _ in range(REPEAT):
         csi.unpublish(vol.id, vol.target)
@@ -324,6 +324,29 @@ def test_stage_same_path_incompatible_is_already_exists(make_vol: Any, kind: str
     expect_code(Code.ALREADY_EXISTS, vol.csi.node.NodeStageVolume,
                 csi_pb2.NodeStageVolumeRequest(volume_id=vol.id, staging_target_path=vol.staging,
                                                volume_capability=other))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unsupported_capabilities_at_the_node_are_failed_precondition(make_vol: Any, kind: str):
+    vol = make_vol(kind)
+    multi = cap_for(kind, mode=Mode.MULTI_NODE_MULTI_WRITER)
+    expect_code(Code.FAILED_PRECONDITION, vol.csi.node.NodeStageVolume,
+                csi_pb2.NodeStageVolumeRequest(volume_id=vol.id, staging_target_path=vol.staging,
+                                               volume_capability=multi))
+    assert not _is_mountpoint(vol.staging)
+    if kind == "mount":
+        # The volume holds ext4; it cannot be staged as another filesystem.
+        expect_code(Code.FAILED_PRECONDITION, vol.csi.node.NodeStageVolume,
+                    csi_pb2.NodeStageVolumeRequest(
+                        volume_id=vol.id, staging_target_path=vol.staging,
+                        volume_capability=mount_cap(fs_type="xfs")))
+        assert not _is_mountpoint(vol.staging)
+    vol.stage()
+    expect_code(Code.FAILED_PRECONDITION, vol.csi.node.NodePublishVolume,
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=vol.id, staging_target_path=vol.staging, target_path=vol.target,
+                    volume_capability=multi))
+    assert not os.path.lexists(vol.target)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -458,7 +481,7 @@ def test_online_expansion(make_vol: Any, kind: str, fs_type: str, size: int):
     csi = vol.csi
     vol.stage()
     vol.publish()
-    digest = _write_and_checksum(vol, vol.target, os.urandom(128 * 1024))
+    digest = _write_and_checksum(vol.kind, vol.target, os.urandom(128 * 1024))
     before = _size_seen(kind, vol.target)
     new = 2 * size
     cr = csi_pb2.CapacityRange(required_bytes=new)
@@ -521,7 +544,7 @@ def test_snapshot_restore_and_clone(
     csi = vol.csi
     vol.stage()
     vol.publish()
-    digest = _write_and_checksum(vol, vol.target, os.urandom(512 * 1024))
+    digest = _write_and_checksum(vol.kind, vol.target, os.urandom(512 * 1024))
     name = unique("snap")
     snap = _snap(csi, vol.id, name)
     try:
@@ -764,6 +787,81 @@ def test_mount_flags_pass_through_and_are_checked(make_vol: Any):
                         volume_id=vol.id, staging_target_path=vol.staging + "-other",
                         volume_capability=mount_cap(flags=(bad,))))
         assert not os.path.lexists(vol.target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_racing_repeats_of_stage_and_publish_mount_once(make_vol: Any, kind: str):
+    """After a timeout the kubelet may send the same call again while the first is
+    still running: each must end OK (or ABORTED), and nothing is mounted twice."""
+    vol = make_vol(kind)
+    stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol.id, staging_target_path=vol.staging,
+                                           volume_capability=vol.cap)
+    publish = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.id, staging_target_path=vol.staging, target_path=vol.target,
+        volume_capability=vol.cap)
+    for call, request in ((vol.csi.node.NodeStageVolume, stage),
+                          (vol.csi.node.NodePublishVolume, publish)):
+        futures = [call.future(request, timeout=120) for _ in range(16)]
+        codes = []
+        for future in futures:
+            try:
+                future.result()
+                codes.append(Code.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+        assert set(codes) <= {Code.OK, Code.ABORTED}, codes
+        call(request, timeout=120)  # and it settles to OK
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4] for line in handle]
+    assert points.count(vol.target) == 1, "the target is mounted more than once"
+    if kind == "mount":
+        assert points.count(vol.staging) == 1, "the staging path is mounted more than once"
+
+
+def test_parallel_lifecycles_of_many_volumes(csi: Csi, kubelet: KubeletLayout, unique: Any):
+    """8 workers, each running the kubelet's whole sequence on its own volumes."""
+    import concurrent.futures
+
+    def worker(index: int) -> str:
+        kind = KINDS[index % 2]
+        for round_ in range(3):
+            name = unique(f"par{index}")
+            vid = csi.create(name, size=SIZE, kind=kind).volume_id
+            staging, target = kubelet.paths(kind, vid, name, f"pod-par-{index}-{round_}")
+            cap = cap_for(kind)
+            try:
+                csi.stage(vid, staging, cap)
+                csi.publish(vid, staging, target, cap)
+                digest = _write_and_checksum(kind, target, os.urandom(64 * 1024))
+                assert _read_checksum(kind, target, 64 * 1024) == digest
+                csi.unpublish(vid, target)
+                assert not os.path.lexists(target)
+                csi.unstage(vid, staging)
+            finally:
+                _teardown(csi, vid, staging, target)
+            csi.delete(vid)
+        return kind
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        kinds = list(pool.map(worker, range(8), timeout=600))
+    assert sorted(kinds) == sorted(KINDS * 4)
+
+
+def test_concurrent_stage_and_unstage_of_different_volumes(make_vol: Any):
+    """Loop numbers are recycled at once: one volume's detach and another's attach
+    race for the same /dev/loopN.  Neither may mistake the other for a holder."""
+    import concurrent.futures
+
+    vols = [make_vol(KINDS[i % 2]) for i in range(8)]
+
+    def cycle(vol: Vol) -> None:
+        for _ in range(15):
+            vol.stage()
+            vol.csi.unstage(vol.id, vol.staging)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(cycle, vol) for vol in vols]:
+            future.result(timeout=600)
 
 
 def test_zz_nothing_is_left_behind(csi: Csi, driver: DriverProcess):

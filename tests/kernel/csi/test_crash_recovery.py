@@ -508,3 +508,39 @@ def test_simulated_reboot_restages_with_data_intact(bed: Bed):
     _teardown(scene)
     assert loops_backed_by(driver.state_dir) == scene.loops_before
     assert _sha_file(os.path.join(bed.bystander_target, "precious.bin")) == bed.bystander_digest
+
+
+ABANDON_POINTS = [p for p in POINTS if p.split(".", maxsplit=1)[0] in ("stage", "publish")]
+
+
+@pytest.mark.parametrize("point", ABANDON_POINTS)
+def test_crash_then_abandon(bed: Bed, point: str):
+    """The kubelet may give up instead of retrying (the pod was deleted meanwhile):
+    after the crash it only calls NodeUnpublish/NodeUnstage, and the volume is then
+    deleted.  Whatever the half-finished stage or publish left (a loop device, a
+    mount the record does not know about, a target dir) must go with them."""
+    driver = bed.driver
+    if not driver.alive():
+        driver.start()
+    scenario = _scenario(point)
+    scene = Scene(driver, bed.kubelet, "abandon-" + point.replace(".", "-").replace("_", "-"),
+                  fs_type=scenario.fs_type, create_kind=scenario.create_kind)
+    files_before = _state_files(driver)
+    mounts_before = set(mounts_under(driver.kubelet_root, driver.state_dir))
+    scene.loops_before = loops_backed_by(driver.state_dir)
+    scenario.prepare(scene)
+    driver.stop()
+    driver.start(env={"HOSTKIT_CRASH_AT": point})
+    with pytest.raises(grpc.RpcError) as info:
+        scenario.action(scene)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert driver.wait_exit(timeout=30) == -signal.SIGKILL
+    driver.start()
+    _teardown(scene)
+    assert set(mounts_under(driver.kubelet_root, driver.state_dir)) == mounts_before
+    assert loops_backed_by(driver.state_dir) == scene.loops_before
+    assert not os.path.lexists(scene.target), "the target the driver created is still there"
+    leaked = sorted(f for f in _state_files(driver) - files_before
+                    if any(i in f for i in scene.volumes) or f.startswith("pools/"))
+    assert not leaked, f"files left behind: {leaked}"
+    assert _sha_file(os.path.join(bed.bystander_target, "precious.bin")) == bed.bystander_digest
