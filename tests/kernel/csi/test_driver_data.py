@@ -470,26 +470,42 @@ def test_disk_pool_from_loop_devices_found_through_udev(loop_disks):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_disk_pool_backing_mode_formats_and_mounts_the_disks(loop_disks):
+def test_disk_pool_backing_mode_formats_mounts_and_survives_a_reboot(loop_disks):
     base, devices = loop_disks
     with running_driver(config=_disk_config(base, "backing")) as driver:
         csi, kubelet = driver.csi(), KubeletLayout(driver.kubelet_root)
         for dev in devices:
             assert filesystems.probe_filesystem(dev) == "xfs"
+        disk_mounts = [e.mount_point for e in mounts.read_mounts() if e.source in devices]
+        assert len(disk_mounts) == 3
+        assert all(m.startswith(str(driver.state_dir / "disks") + "/") for m in disk_mounts)
         v = Volume(csi, kubelet, "mount", "ext4", 64 * MiB, params={"pool": "disks"}).up()
-        write_file(os.path.join(v.target, "f"), payload("x"))
+        data = payload("x")
+        write_file(os.path.join(v.target, "f"), data)
         snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
             name=f"s-{uuid.uuid4()}", source_volume_id=v.id), timeout=120).snapshot
+        # Reboot: the driver dies, every mount (volume and disk) and loop of the volume goes.
+        driver.kill9()
+        cleanup_kernel_objects([driver.kubelet_root], driver.state_dir)
+        for point in disk_mounts:
+            mounts.unmount(point)
+        driver.start()
+        # The disks carry our label: they are mounted again, not refused as "in use".
+        assert len([e for e in mounts.read_mounts() if e.source in devices]) == 3
+        csi = driver.csi()
+        v.csi = csi
+        os.makedirs(v.staging, exist_ok=True)
+        v.up()
+        assert sha(read_file(os.path.join(v.target, "f"))) == sha(data)
         v.down()
         v.delete()
         csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
             snapshot_id=snap.snapshot_id), timeout=60)
         driver.stop()
-        # The pool's own mounts stay until the operator removes the pool.
-        for dev in devices:
-            for entry in mounts.read_mounts():
-                if entry.source == dev:
-                    mounts.unmount(entry.mount_point)
+        # The pool's own disk mounts stay until the operator removes the pool.
+        for entry in mounts.read_mounts():
+            if entry.source in devices:
+                mounts.unmount(entry.mount_point)
 
 
 def _wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> bool:
