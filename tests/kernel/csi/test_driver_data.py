@@ -484,6 +484,12 @@ def test_disk_pool_backing_mode_formats_mounts_and_survives_a_reboot(loop_disks)
         write_file(os.path.join(v.target, "f"), data)
         snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
             name=f"s-{uuid.uuid4()}", source_volume_id=v.id), timeout=120).snapshot
+        import json
+
+        vol_image = json.loads((driver.state_dir / f"volumes/{v.id}.json").read_text())["backing"]
+        snap_image = json.loads(
+            (driver.state_dir / f"snapshots/{snap.snapshot_id}.json").read_text())["backing"]
+        assert Path(vol_image).parents[1] == Path(snap_image).parents[1], "same disk: a reflink"
         # Reboot: the driver dies, every mount (volume and disk) and loop of the volume goes.
         driver.kill9()
         cleanup_kernel_objects([driver.kubelet_root], driver.state_dir)
