@@ -463,6 +463,13 @@ def test_disk_pool_from_loop_devices_found_through_udev(loop_disks):
         entry = mounts.find_mount(v.staging)
         assert entry is not None and entry.source == devices[1], "smallest disk that fits"
         v.down()
+        # After a restart the formatted disk is recognised as the volume's, not refused.
+        driver.stop()
+        driver.start()
+        v.csi = csi = driver.csi()
+        v.up()
+        assert read_file(os.path.join(v.target, "f")) == b"on a whole disk"
+        v.down()
         v.delete()
         assert filesystems.probe_filesystem(devices[1]) is None, "delete wipes the disk"
         with pytest.raises(grpc.RpcError) as info:
