@@ -707,7 +707,7 @@ class VolumeService:
                 if not cap.block:
                     self._mount_staging(rec, device=device, path=path, fs_type=fs_type,
                                         flags=flags, cap=cap)
-                    if cap.mount_group:
+                    if cap.mount_group and cap.access_mode not in READ_ONLY_MODES:
                         _apply_group(path, cap.mount_group)
                 elif not os.path.exists(path):
                     os.makedirs(path, mode=0o750, exist_ok=True)
@@ -928,8 +928,9 @@ class VolumeService:
             self._bind(target, source=staging if not cap.block else device, block=cap.block,
                        readonly=readonly, flags=flags,
                        ours=ours)
-            if cap.mount_group and not cap.block:
-                _apply_group(target, cap.mount_group)
+            if cap.mount_group and not cap.block and not readonly and \
+                    cap.access_mode not in READ_ONLY_MODES:
+                _apply_group(target, cap.mount_group)  # read-only: nothing to make writable
             if existing != wanted:
                 rec.publications[target] = wanted
                 self.store.put_volume(rec)

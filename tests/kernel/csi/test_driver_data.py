@@ -308,6 +308,11 @@ def test_volume_mount_group_sets_the_root_group_setgid(csi, kubelet, driver):
     try:
         st = os.stat(v.target)
         assert st.st_gid == 4321 and st.st_mode & 0o2070 == 0o2070
+        csi.unpublish(v.id, v.target)
+        csi.publish(v.id, v.staging, v.target, v.cap, readonly=True)
+        entry = mounts.find_mount(v.target)
+        assert entry is not None and entry.read_only
+        assert os.stat(v.target).st_gid == 4321
     finally:
         v.down()
         v.delete()
@@ -574,3 +579,18 @@ def test_a_failed_first_stage_leaves_no_loop_device_or_mount(csi, kubelet, drive
     v.down()
     v.delete()
     assert_clean(driver)
+
+
+def test_reader_only_stage_with_a_mount_group_mounts_read_only(csi, kubelet, driver):
+    v = Volume(csi, kubelet, "mount", "ext4", 16 * MiB)
+    v.cap = mount_cap("ext4", mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
+                      group="4321")
+    v.up()
+    try:
+        entry = mounts.find_mount(v.staging)
+        assert entry is not None and entry.read_only
+        with pytest.raises(OSError):
+            write_file(os.path.join(v.target, "x"), b"no")
+    finally:
+        v.down()
+        v.delete()
