@@ -761,7 +761,8 @@ class VolumeService:
         current = mounts.find_mount(path) if os.path.exists(path) else None
         if current is not None:
             if _Owned.of(device).matches(current):
-                self._grow_if_pending(rec, device, path, fs_type)
+                if not current.read_only:
+                    self._grow_if_pending(rec, device, path, fs_type)
                 return
             raise AlreadyExists(f"something else ({current.source}) is mounted at {path}")
         os.makedirs(path, mode=0o750, exist_ok=True)
@@ -803,7 +804,8 @@ class VolumeService:
                 ) from exc
             raise
         crash_point("stage.after_mount")
-        self._grow_if_pending(rec, device, path, fs_type)
+        if cap.access_mode not in READ_ONLY_MODES:  # a read-only mount cannot grow
+            self._grow_if_pending(rec, device, path, fs_type)
 
     def _grow_if_pending(self, rec: VolumeRecord, device: str, path: str, fs_type: str) -> None:
         if not rec.fs_grow_pending:
@@ -1059,6 +1061,11 @@ class VolumeService:
             pool.refresh(rec)
             crash_point("expand.after_refresh")
             if rec.staging is not None and not rec.staging.block and rec.fs_type:
+                if rec.staging.access_mode in READ_ONLY_MODES:
+                    raise FailedPrecondition(
+                        f"volume {volume_id} is mounted read-only; its filesystem grows at "
+                        "the next writable stage"
+                    )
                 device = pool.attached_device(rec)
                 if device is None:
                     raise FailedPrecondition(f"volume {volume_id} is not attached")
