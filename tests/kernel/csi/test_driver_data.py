@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -444,6 +445,21 @@ def loop_disks():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _pools_json(driver: DriverProcess) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    from tests.grpc.csi.driver_harness import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
+         str(driver.state_dir), "--config", str(driver.base / "config.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return dict(json.loads(out.stdout))
+
+
 def _disk_config(base: Path, mode: str):
     def make(driver_base: Path) -> dict[str, object]:
         return {"restrict_paths": True, "pools": [
@@ -463,6 +479,10 @@ def test_disk_pool_from_loop_devices_found_through_udev(loop_disks):
             parameters={"pool": "disks"}), timeout=30)
         assert cap.available_capacity == (400 + 500 + 600) * MiB
         assert cap.maximum_volume_size.value == 600 * MiB
+        report = _pools_json(driver)
+        disks_pool = next(p for p in report["pools"] if p["name"] == "disks")
+        assert sorted(d["device"] for d in disks_pool["disks"]) == sorted(devices)
+        assert {d["state"] for d in disks_pool["disks"]} == {"free"}
         v = Volume(csi, kubelet, "mount", "ext4", 450 * MiB, params={"pool": "disks"}).up()
         write_file(os.path.join(v.target, "f"), b"on a whole disk")
         entry = mounts.find_mount(v.staging)
