@@ -59,6 +59,7 @@ from plugin_runtime.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class VolumeService:
             raise FailedPrecondition(
                 f"volume {rec.id} belongs to pool {rec.pool!r}, which is not configured"
             )
+        _check_ready(pool)
         return pool
 
     def check_path(self, path: str, what: str) -> str:
@@ -330,6 +332,7 @@ class VolumeService:
         if source_pool and PARAM_POOL not in parameters:
             parameters[PARAM_POOL] = source_pool  # copies stay next to their source
         place = self.placement(parameters, req.capabilities)
+        _check_ready(place.pool)
         size = self._size(req.required_bytes, req.limit_bytes, place.fs_type)
         self._check_topology(req)
         with self.locks.hold(f"name:{req.name}"):
@@ -1143,6 +1146,11 @@ class _NullLock:
 
 
 _NULL_LOCK = _NullLock()
+
+
+def _check_ready(pool: Pool) -> None:
+    if not pool.ready:
+        raise Unavailable(f"pool {pool.name} is not ready yet (the driver is starting); retry")
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:
