@@ -108,7 +108,7 @@ class SnapshotService:
                     state=CREATING,
                     created_at=time.time(),
                 )
-                snap.backing = pool.snapshot_path(snap.id)
+                snap.backing = snap.backing or pool.snapshot_path(snap.id, src)
                 self.store.put_snapshot(snap)
                 crash_point("snapshot.after_record")
                 self._copy(src, snap)

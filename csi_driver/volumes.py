@@ -59,6 +59,7 @@ from plugin_runtime.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class VolumeService:
             raise FailedPrecondition(
                 f"volume {rec.id} belongs to pool {rec.pool!r}, which is not configured"
             )
+        _check_ready(pool)
         return pool
 
     def check_path(self, path: str, what: str) -> str:
@@ -330,6 +332,7 @@ class VolumeService:
         if source_pool and PARAM_POOL not in parameters:
             parameters[PARAM_POOL] = source_pool  # copies stay next to their source
         place = self.placement(parameters, req.capabilities)
+        _check_ready(place.pool)
         size = self._size(req.required_bytes, req.limit_bytes, place.fs_type)
         self._check_topology(req)
         with self.locks.hold(f"name:{req.name}"):
@@ -698,15 +701,16 @@ class VolumeService:
                         f"volume {volume_id} is already staged at {path} with another capability"
                     )
             pool = self.pool_of(rec)
-            fresh = rec.staging is None and pool.attached_device(rec) is None
-            device = pool.attach(rec)
+            existing = pool.attached_device(rec)
+            fresh = rec.staging is None and existing is None
+            device = existing or pool.attach(rec, checked=True)
             crash_point("stage.after_attach")
             wanted.device = device
             try:
                 if not cap.block:
                     self._mount_staging(rec, device=device, path=path, fs_type=fs_type,
                                         flags=flags, cap=cap)
-                    if cap.mount_group:
+                    if cap.mount_group and cap.access_mode not in READ_ONLY_MODES:
                         _apply_group(path, cap.mount_group)
                 elif not os.path.exists(path):
                     os.makedirs(path, mode=0o750, exist_ok=True)
@@ -760,7 +764,8 @@ class VolumeService:
         current = mounts.find_mount(path) if os.path.exists(path) else None
         if current is not None:
             if _Owned.of(device).matches(current):
-                self._grow_if_pending(rec, device, path, fs_type)
+                if not current.read_only:
+                    self._grow_if_pending(rec, device, path, fs_type)
                 return
             raise AlreadyExists(f"something else ({current.source}) is mounted at {path}")
         os.makedirs(path, mode=0o750, exist_ok=True)
@@ -802,7 +807,8 @@ class VolumeService:
                 ) from exc
             raise
         crash_point("stage.after_mount")
-        self._grow_if_pending(rec, device, path, fs_type)
+        if cap.access_mode not in READ_ONLY_MODES:  # a read-only mount cannot grow
+            self._grow_if_pending(rec, device, path, fs_type)
 
     def _grow_if_pending(self, rec: VolumeRecord, device: str, path: str, fs_type: str) -> None:
         if not rec.fs_grow_pending:
@@ -927,8 +933,9 @@ class VolumeService:
             self._bind(target, source=staging if not cap.block else device, block=cap.block,
                        readonly=readonly, flags=flags,
                        ours=ours)
-            if cap.mount_group and not cap.block:
-                _apply_group(target, cap.mount_group)
+            if cap.mount_group and not cap.block and not readonly and \
+                    cap.access_mode not in READ_ONLY_MODES:
+                _apply_group(target, cap.mount_group)  # read-only: nothing to make writable
             if existing != wanted:
                 rec.publications[target] = wanted
                 self.store.put_volume(rec)
@@ -1057,6 +1064,11 @@ class VolumeService:
             pool.refresh(rec)
             crash_point("expand.after_refresh")
             if rec.staging is not None and not rec.staging.block and rec.fs_type:
+                if rec.staging.access_mode in READ_ONLY_MODES:
+                    raise FailedPrecondition(
+                        f"volume {volume_id} is mounted read-only; its filesystem grows at "
+                        "the next writable stage"
+                    )
                 device = pool.attached_device(rec)
                 if device is None:
                     raise FailedPrecondition(f"volume {volume_id} is not attached")
@@ -1134,6 +1146,11 @@ class _NullLock:
 
 
 _NULL_LOCK = _NullLock()
+
+
+def _check_ready(pool: Pool) -> None:
+    if not pool.ready:
+        raise Unavailable(f"pool {pool.name} is not ready yet (the driver is starting); retry")
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:

@@ -138,9 +138,10 @@ class Pool(Protocol):
         """Grow the backing to at least ``new_size``; return the new size.
         OutOfRange when the medium cannot grow that far."""
 
-    def attach(self, rec: VolumeRecord) -> str:
+    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         """Return the block device of ``rec``, attaching a loop device if needed (reusing
-        one already backed by the image)."""
+        one already backed by the image).  ``checked``: the caller has just seen that
+        none is attached (under the volume's lock), so the lookup is skipped."""
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
         """The block device of ``rec`` if it is attached now, else None."""
@@ -151,8 +152,8 @@ class Pool(Protocol):
     def refresh(self, rec: VolumeRecord) -> None:
         """Make the attached block device see the backing's current size."""
 
-    def snapshot_path(self, snapshot_id: str) -> str:
-        """Where the image of a snapshot of this pool lives."""
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
+        """Where the image of a snapshot (of ``source``) lives in this pool."""
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         """Backing found on the host that no record explains, and records without backing."""

@@ -262,7 +262,10 @@ class DiskPool:
                 subs = list(self._backing.values())
             if not subs:
                 raise ResourceExhausted(f"pool {self.name} has no disks")
-            best = max(subs, key=lambda s: s.fs_stats()[1])
+            # A copy goes to its source's disk (a reflink there), a new volume to the
+            # disk with the most free space.
+            near = [s for s in subs if source is not None and source.startswith(s.path + "/")]
+            best = near[0] if near else max(subs, key=lambda s: s.fs_stats()[1])
             return best.allocate(rec, source)
         if source is not None:
             raise InvalidArgument(f"pool {self.name} gives whole disks: no snapshots or clones")
@@ -330,9 +333,9 @@ class DiskPool:
             )
         return new_size
 
-    def attach(self, rec: VolumeRecord) -> str:
+    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         if self.mode == "backing":
-            return self._sub_of(rec).attach(rec)
+            return self._sub_of(rec).attach(rec, checked=checked)
         return self._disk_of(rec).devnode
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
@@ -356,15 +359,14 @@ class DiskPool:
         if self.mode == "backing":
             self._sub_of(rec).refresh(rec)
 
-    def snapshot_path(self, snapshot_id: str) -> str:
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
+        """On the disk of ``source``, so the copy can be a reflink."""
         if self.mode != "backing":
             raise FailedPrecondition(f"pool {self.name} does not support snapshots")
+        if source is not None:
+            return self._sub_of(source).snapshot_path(snapshot_id)
         with self._lock:
             subs = list(self._backing.values())
-        for sub in subs:
-            path = sub.snapshot_path(snapshot_id)
-            if os.path.exists(path):
-                return path
         if not subs:
             raise ResourceExhausted(f"pool {self.name} has no disks")
         return max(subs, key=lambda s: s.fs_stats()[1]).snapshot_path(snapshot_id)

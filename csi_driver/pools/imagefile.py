@@ -25,7 +25,7 @@ import threading
 
 from csi_driver import filesystems, loop
 from csi_driver.config import PoolConfig
-from csi_driver.pools.base import Capacity, Orphan, compute_capacity
+from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
 from csi_driver.store import VolumeRecord, fsync_dir
 from plugin_runtime import commands
 from plugin_runtime.errors import (
@@ -42,29 +42,39 @@ log = logging.getLogger(__name__)
 SYS_BLOCK = "/sys/block"
 
 
-def loops_backed_by(path: str) -> list[str]:
+def _backing_of(name: str) -> str | None:
+    """The sysfs backing file of /dev/<name> (without " (deleted)"), None when unbound."""
+    try:
+        with open(f"{SYS_BLOCK}/{name}/loop/backing_file", encoding="utf-8",
+                  errors="surrogateescape") as f:
+            return f.read().rstrip("\n").removesuffix(" (deleted)")
+    except OSError:
+        return None  # unbound (ENOENT), or being torn down right now (ENODEV)
+
+
+def loops_backed_by(path: str, hint: str = "") -> list[str]:
     """Loop devices whose backing file is ``path``, read from sysfs alone.
 
     No device node is opened, so concurrent operations never look like holders to
     a detach that waits for the last close (``loop.find_by_backing_file`` opens
     every bound device for its status).  The pool owns its image paths, so the
-    path string identifies the image.
+    path string identifies the image.  ``hint`` (the device recorded at stage) is
+    checked first, which spares a scan of every loop device on hot paths.
     """
-    found = []
     path = os.path.realpath(path)  # sysfs shows the resolved path
+    if hint.startswith("/dev/loop") and _backing_of(hint[5:]) == path:
+        return [hint]
     try:
         names = os.listdir(SYS_BLOCK)
     except FileNotFoundError:
         return []
-    for name in names:
-        if name.startswith("loop") and name[4:].isdigit():
-            try:
-                backing = loop.backing_file(f"/dev/{name}")
-            except OSError:
-                continue  # ENODEV: being torn down right now
-            if backing is not None and backing.removesuffix(" (deleted)") == path:
-                found.append(f"/dev/{name}")
+    found = [f"/dev/{n}" for n in names
+             if n.startswith("loop") and n[4:].isdigit() and _backing_of(n) == path]
     return sorted(found, key=lambda d: int(d[9:]))
+
+
+def _hint(rec: VolumeRecord) -> str:
+    return rec.staging.device if rec.staging is not None else ""
 
 
 def detach_image(path: str) -> None:
@@ -130,7 +140,7 @@ class ImagePool:
     def image_path(self, volume_id: str) -> str:
         return os.path.join(self.volume_dir, f"{volume_id}.img")
 
-    def snapshot_path(self, snapshot_id: str) -> str:
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
         return os.path.join(self.snapshot_dir, f"{snapshot_id}.img")
 
     def fs_stats(self) -> tuple[int, int]:
@@ -201,17 +211,21 @@ class ImagePool:
         finally:
             os.close(fd)
 
-    def attach(self, rec: VolumeRecord) -> str:
+    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         path = self.image_path(rec.id)
-        existing = loops_backed_by(path)
+        existing = [] if checked else loops_backed_by(path, _hint(rec))
         if existing:
             return existing[0]
         if not os.path.isfile(path):
             raise NotFound(f"image of volume {rec.id} is missing ({path})")
-        return loop.attach(path, direct_io=self.config.direct_io)
+        # 4 KiB logical blocks: every filesystem made here uses 4 KiB blocks/sectors, so
+        # each block I/O is one aligned direct I/O on the image (measured: fewer
+        # sub-page requests, better qd1 random reads than 512-byte sectors).  Always the
+        # same size, so an image attaches the same way after a reboot.
+        return loop.attach(path, direct_io=self.config.direct_io, block_size=ALIGNMENT)
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
-        found = loops_backed_by(self.image_path(rec.id))
+        found = loops_backed_by(self.image_path(rec.id), _hint(rec))
         return found[0] if found else None
 
     def detach(self, rec: VolumeRecord) -> None:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -308,6 +309,11 @@ def test_volume_mount_group_sets_the_root_group_setgid(csi, kubelet, driver):
     try:
         st = os.stat(v.target)
         assert st.st_gid == 4321 and st.st_mode & 0o2070 == 0o2070
+        csi.unpublish(v.id, v.target)
+        csi.publish(v.id, v.staging, v.target, v.cap, readonly=True)
+        entry = mounts.find_mount(v.target)
+        assert entry is not None and entry.read_only
+        assert os.stat(v.target).st_gid == 4321
     finally:
         v.down()
         v.delete()
@@ -439,6 +445,21 @@ def loop_disks():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _pools_json(driver: DriverProcess) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    from tests.grpc.csi.driver_harness import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
+         str(driver.state_dir), "--config", str(driver.base / "config.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return dict(json.loads(out.stdout))
+
+
 def _disk_config(base: Path, mode: str):
     def make(driver_base: Path) -> dict[str, object]:
         return {"restrict_paths": True, "pools": [
@@ -458,10 +479,21 @@ def test_disk_pool_from_loop_devices_found_through_udev(loop_disks):
             parameters={"pool": "disks"}), timeout=30)
         assert cap.available_capacity == (400 + 500 + 600) * MiB
         assert cap.maximum_volume_size.value == 600 * MiB
+        report = _pools_json(driver)
+        disks_pool = next(p for p in report["pools"] if p["name"] == "disks")
+        assert sorted(d["device"] for d in disks_pool["disks"]) == sorted(devices)
+        assert {d["state"] for d in disks_pool["disks"]} == {"free"}
         v = Volume(csi, kubelet, "mount", "ext4", 450 * MiB, params={"pool": "disks"}).up()
         write_file(os.path.join(v.target, "f"), b"on a whole disk")
         entry = mounts.find_mount(v.staging)
         assert entry is not None and entry.source == devices[1], "smallest disk that fits"
+        v.down()
+        # After a restart the formatted disk is recognised as the volume's, not refused.
+        driver.stop()
+        driver.start()
+        v.csi = csi = driver.csi()
+        v.up()
+        assert read_file(os.path.join(v.target, "f")) == b"on a whole disk"
         v.down()
         v.delete()
         assert filesystems.probe_filesystem(devices[1]) is None, "delete wipes the disk"
@@ -470,26 +502,48 @@ def test_disk_pool_from_loop_devices_found_through_udev(loop_disks):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_disk_pool_backing_mode_formats_and_mounts_the_disks(loop_disks):
+def test_disk_pool_backing_mode_formats_mounts_and_survives_a_reboot(loop_disks):
     base, devices = loop_disks
     with running_driver(config=_disk_config(base, "backing")) as driver:
         csi, kubelet = driver.csi(), KubeletLayout(driver.kubelet_root)
         for dev in devices:
             assert filesystems.probe_filesystem(dev) == "xfs"
+        disk_mounts = [e.mount_point for e in mounts.read_mounts() if e.source in devices]
+        assert len(disk_mounts) == 3
+        assert all(m.startswith(str(driver.state_dir / "disks") + "/") for m in disk_mounts)
         v = Volume(csi, kubelet, "mount", "ext4", 64 * MiB, params={"pool": "disks"}).up()
-        write_file(os.path.join(v.target, "f"), payload("x"))
+        data = payload("x")
+        write_file(os.path.join(v.target, "f"), data)
         snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
             name=f"s-{uuid.uuid4()}", source_volume_id=v.id), timeout=120).snapshot
+        import json
+
+        vol_image = json.loads((driver.state_dir / f"volumes/{v.id}.json").read_text())["backing"]
+        snap_image = json.loads(
+            (driver.state_dir / f"snapshots/{snap.snapshot_id}.json").read_text())["backing"]
+        assert Path(vol_image).parents[1] == Path(snap_image).parents[1], "same disk: a reflink"
+        # Reboot: the driver dies, every mount (volume and disk) and loop of the volume goes.
+        driver.kill9()
+        cleanup_kernel_objects([driver.kubelet_root], driver.state_dir)
+        for point in disk_mounts:
+            mounts.unmount(point)
+        driver.start()
+        # The disks carry our label: they are mounted again, not refused as "in use".
+        assert len([e for e in mounts.read_mounts() if e.source in devices]) == 3
+        csi = driver.csi()
+        v.csi = csi
+        os.makedirs(v.staging, exist_ok=True)
+        v.up()
+        assert sha(read_file(os.path.join(v.target, "f"))) == sha(data)
         v.down()
         v.delete()
         csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
             snapshot_id=snap.snapshot_id), timeout=60)
         driver.stop()
-        # The pool's own mounts stay until the operator removes the pool.
-        for dev in devices:
-            for entry in mounts.read_mounts():
-                if entry.source == dev:
-                    mounts.unmount(entry.mount_point)
+        # The pool's own disk mounts stay until the operator removes the pool.
+        for entry in mounts.read_mounts():
+            if entry.source in devices:
+                mounts.unmount(entry.mount_point)
 
 
 def _wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> bool:
@@ -545,3 +599,18 @@ def test_a_failed_first_stage_leaves_no_loop_device_or_mount(csi, kubelet, drive
     v.down()
     v.delete()
     assert_clean(driver)
+
+
+def test_reader_only_stage_with_a_mount_group_mounts_read_only(csi, kubelet, driver):
+    v = Volume(csi, kubelet, "mount", "ext4", 16 * MiB)
+    v.cap = mount_cap("ext4", mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
+                      group="4321")
+    v.up()
+    try:
+        entry = mounts.find_mount(v.staging)
+        assert entry is not None and entry.read_only
+        with pytest.raises(OSError):
+            write_file(os.path.join(v.target, "x"), b"no")
+    finally:
+        v.down()
+        v.delete()

@@ -175,3 +175,21 @@ def test_copies_stay_in_their_source_pool_and_default_to_its_size(service):
     snaps.delete_snapshot(snap.id)
     snaps.delete_snapshot(snap.id)
     assert service.store.volumes() == [] and service.store.snapshots() == []
+
+
+def test_requests_before_the_pools_are_ready_are_unavailable(tmp_path):
+    from plugin_runtime.errors import Unavailable
+
+    config = parse_config({"pools": [{"name": "a", "type": "image",
+                                      "path": str(tmp_path / "a")}]}, str(tmp_path))
+    pool = ImagePool(config.pools[0])  # not started
+    svc = VolumeService(config, "n", Store(str(tmp_path / "s")), [pool])
+    assert not svc.ready
+    with pytest.raises(Unavailable):
+        svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,), required_bytes=MiB))
+    cap, _ = svc.get_capacity({}, [], None)
+    assert cap is None
+    pool.start()
+    assert svc.ready
+    assert svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,),
+                                           required_bytes=MiB)).capacity_bytes == MiB
