@@ -19,6 +19,7 @@ no dot-dot, bounded length.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -41,8 +42,24 @@ READY = "ready"
 DELETING = "deleting"
 
 
-def new_volume_id() -> str:
-    return f"vol-{uuid.uuid4().hex}"
+def node_tag(node_id: str) -> str:
+    """Eight hex digits naming a node inside the volume IDs it creates."""
+    return hashlib.sha256(node_id.encode()).hexdigest()[:8]
+
+
+def new_volume_id(node_id: str = "") -> str:
+    """``vol-`` + the creating node's tag + 96 random bits (32 hex digits in all).
+
+    The tag lets any node tell a volume that lives on another node from one that
+    does not exist: the cluster-wide resizer sends ControllerExpandVolume to the
+    driver next to its leader, which may not be the volume's node.
+    """
+    return f"vol-{node_tag(node_id)}{uuid.uuid4().hex[:24]}"
+
+
+def home_tag(volume_id: str) -> str:
+    """The node tag inside a volume ID (valid IDs only)."""
+    return volume_id[4:12]
 
 
 def new_snapshot_id() -> str:

@@ -47,8 +47,10 @@ from csi_driver.store import (
     Staging,
     Store,
     VolumeRecord,
+    home_tag,
     is_valid_id,
     new_volume_id,
+    node_tag,
     validate_name,
 )
 from plugin_runtime.errors import (
@@ -428,7 +430,7 @@ class VolumeService:
                 )
             params = {k: v for k, v in req.parameters.items() if not k.startswith(K8S_PREFIX)}
             rec = VolumeRecord(
-                id=new_volume_id(),
+                id=new_volume_id(self.node_id),
                 name=req.name,
                 pool=pool.name,
                 capacity_bytes=size,
@@ -618,6 +620,12 @@ class VolumeService:
         """Grow the backing; return (capacity, node_expansion_required)."""
         if not volume_id:
             raise InvalidArgument("volume_id is required")
+        if (
+            is_valid_id(volume_id, "vol")
+            and home_tag(volume_id) != node_tag(self.node_id)
+            and self.store.volume(volume_id) is None
+        ):
+            return self._expand_elsewhere(volume_id, required, limit)
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self._volume(volume_id)
             if capability is not None:
@@ -631,13 +639,9 @@ class VolumeService:
                 crash_point("expand.after_refresh")
             return size, node_needed
 
-    def _check_cap_fits(self, rec: VolumeRecord, cap: Capability) -> None:
-        if cap.access_mode and cap.access_mode not in SINGLE_NODE_MODES:
-            raise InvalidArgument(f"access mode {cap.access_mode} is not supported")
-        if not cap.block and cap.fs_type and rec.fs_type and cap.fs_type != rec.fs_type:
-            raise InvalidArgument(f"volume {rec.id} holds {rec.fs_type}, not {cap.fs_type}")
-
-    def _grow_backing(self, rec: VolumeRecord, required: int, limit: int) -> int:
+    @staticmethod
+    def _expansion_target(required: int, limit: int) -> int:
+        """The size an expansion asks for, checked against its range."""
         if required < 0 or limit < 0 or (limit and required > limit):
             raise OutOfRange(f"invalid capacity range: required {required}, limit {limit}")
         if not required and not limit:
@@ -645,6 +649,32 @@ class VolumeService:
         wanted = align_up(required or limit)
         if limit and wanted > limit:
             raise OutOfRange(f"limit_bytes {limit} is below the 4 KiB granularity")
+        return wanted
+
+    def _expand_elsewhere(self, volume_id: str, required: int, limit: int) -> tuple[int, bool]:
+        """ControllerExpandVolume for a volume created on another node.
+
+        external-resizer has no per-node mode, so one elected resizer sends every
+        ControllerExpandVolume to the driver beside it.  A volume whose ID carries
+        another node's tag lives there: its node grows image, loop device and
+        filesystem in NodeExpandVolume, which the kubelet calls on that node.
+        """
+        wanted = self._expansion_target(required, limit)
+        log.info(
+            "volume %s lives on another node; its NodeExpandVolume grows it to %d bytes",
+            volume_id,
+            wanted,
+        )
+        return wanted, True
+
+    def _check_cap_fits(self, rec: VolumeRecord, cap: Capability) -> None:
+        if cap.access_mode and cap.access_mode not in SINGLE_NODE_MODES:
+            raise InvalidArgument(f"access mode {cap.access_mode} is not supported")
+        if not cap.block and cap.fs_type and rec.fs_type and cap.fs_type != rec.fs_type:
+            raise InvalidArgument(f"volume {rec.id} holds {rec.fs_type}, not {cap.fs_type}")
+
+    def _grow_backing(self, rec: VolumeRecord, required: int, limit: int) -> int:
+        wanted = self._expansion_target(required, limit)
         if limit and rec.capacity_bytes > limit:
             raise OutOfRange(
                 f"volume {rec.id} is already {rec.capacity_bytes} bytes, above limit_bytes {limit}"

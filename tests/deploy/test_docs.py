@@ -17,7 +17,12 @@ import yaml
 from tests.deploy.manifests import DAEMONSETS, OVERLAYS, ROOT, find, landed_module, overlay_root
 
 GUIDE = ROOT / "docs" / "operator-guide.md"
-METRICS_SOURCES = ("plugin_runtime/metrics.py", "device_plugin/metrics.py", "csi_driver/metrics.py")
+METRICS_SOURCES = (
+    "plugin_runtime/metrics.py",
+    "device_plugin/metrics.py",
+    "device_plugin/lifecycle.py",
+    "csi_driver/metrics.py",
+)
 
 
 def _guide() -> str:

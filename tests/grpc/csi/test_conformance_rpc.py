@@ -15,6 +15,7 @@ import pytest
 
 from csi_driver import DRIVER_NAME
 from csi_driver._proto import csi_pb2
+from csi_driver.store import node_tag
 from tests.grpc.csi.driver_harness import (
     TOPOLOGY_KEY,
     Csi,
@@ -262,7 +263,9 @@ def test_malformed_capability_is_invalid_argument(csi: Csi, broken: str):
 # csi-sanity names unknown objects with ids of its own format ("fake-vol-id-..."), and
 # the spec treats ids as opaque: an unknown but harmless id is NOT_FOUND, whatever
 # the driver's own id format.
-FOREIGN_IDS = [UNKNOWN_VOLUME, "vol-" + "0" * 32, "fake-vol-id-1"]
+# "vol-" + this node's tag + random: the driver's own format, created here, gone.
+OWN_FORMAT_ID = "vol-" + node_tag("node-a") + "0" * 24
+FOREIGN_IDS = [UNKNOWN_VOLUME, OWN_FORMAT_ID, "fake-vol-id-1"]
 
 
 @pytest.mark.parametrize("volume_id", FOREIGN_IDS)
@@ -280,6 +283,27 @@ def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout, volume_
     ):
         service, method, request = requests[rpc]
         expect_code(Code.NOT_FOUND, _call(csi, service, method), request)
+
+
+def test_controller_expand_of_another_nodes_volume_defers_to_that_node(csi: Csi):
+    """The elected resizer calls the driver beside it for every PVC: a volume whose ID
+    carries another node's tag is grown by NodeExpandVolume on its own node."""
+    elsewhere = "vol-" + node_tag("node-b") + "1" * 24
+    reply = csi.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=elsewhere, capacity_range=csi_pb2.CapacityRange(required_bytes=5 * MiB + 1)
+        ),
+        timeout=30,
+    )
+    assert reply.node_expansion_required
+    assert reply.capacity_bytes == 5 * MiB + 4096  # rounded up to the 4 KiB granularity
+    expect_code(
+        Code.OUT_OF_RANGE, csi.controller.ControllerExpandVolume,
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=elsewhere,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=2 * MiB, limit_bytes=MiB),
+        ),
+    )
 
 
 def test_create_from_missing_source_is_not_found(csi: Csi):
