@@ -110,7 +110,12 @@ class Resource(Protocol):
     ) -> ResourceSnapshot:
         """Block until the generation differs from ``seen_generation``, ``stop`` is set,
         or ``timeout`` passes; return the latest snapshot either way.  Intermediate
-        generations may be skipped (each snapshot is complete)."""
+        generations may be skipped (each snapshot is complete).
+
+        An idle wait should not poll (the daemon idles in these waits), and a
+        ``threading.Event`` cannot wake it: whoever sets ``stop`` also calls the
+        resource's ``wake()`` when it has one, else the stop may only be noticed
+        after a safety slice (30 s in the registry)."""
         ...
 
     def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
@@ -137,6 +142,8 @@ class ResourceCatalog(Protocol):
     def wait_for_catalog_change(
         self, seen_generation: int, stop: threading.Event, timeout: float | None = None
     ) -> int:
-        """Block until the set of resources (or their options) changes; return the
-        new catalog generation."""
+        """Block until the set of resources (or their options) changes, ``stop`` is
+        set, or ``timeout`` passes; return the catalog generation.  As for
+        ``Resource.wait_for_change``, whoever sets ``stop`` calls ``wake()`` when the
+        catalog has one."""
         ...

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from device_plugin import allocation, identity, metrics
 from device_plugin.cdi import CdiWriter
@@ -42,9 +42,32 @@ from plugin_runtime.errors import DomainError
 
 log = logging.getLogger(__name__)
 
-# A ``stop`` event set without calling ``wake()`` is noticed within this many
-# seconds; callers that set ``stop`` should call ``wake()`` to release at once.
-_SLICE = 0.5
+# Waits block on the condition, woken by a change or by ``wake()``; every caller
+# that sets a ``stop`` event calls ``wake()`` (SnapshotFeed.close, PluginManager.stop,
+# DevicePluginDomain.stop).  A ``threading.Event`` cannot notify our condition, so
+# a ``stop`` set without ``wake()`` is still noticed, but only within this safety
+# slice.  It used to be 0.5 s: two wake-ups a second per idle waiter (a feed per
+# resource plus the catalog follower), the largest share of the idle daemon's
+# wake-ups; 30 s costs nothing while keeping the contract's "stop is noticed".
+SAFETY_SLICE_SECONDS = 30.0
+
+
+def _wait(
+    cond: threading.Condition,
+    unchanged: Callable[[], bool],
+    stop: threading.Event,
+    timeout: float | None,
+) -> None:
+    """Wait on ``cond`` (held) while ``unchanged()`` and ``stop`` is clear, for at most
+    ``timeout`` seconds (None: no limit), re-checking ``stop`` every safety slice."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while unchanged() and not stop.is_set():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        cond.wait(
+            SAFETY_SLICE_SECONDS if remaining is None else min(remaining, SAFETY_SLICE_SECONDS)
+        )
 
 
 def options_for(config: ResourceConfig) -> ResourceOptions:
@@ -95,13 +118,9 @@ class ResourceState:
     def wait_for_change(
         self, seen_generation: int, stop: threading.Event, timeout: float | None = None
     ) -> ResourceSnapshot:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._snapshot.generation == seen_generation and not stop.is_set():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._cond.wait(_SLICE if remaining is None else min(remaining, _SLICE))
+            _wait(self._cond, lambda: self._snapshot.generation == seen_generation, stop,
+                  timeout)
             return self._snapshot
 
     def wake(self) -> None:
@@ -290,16 +309,12 @@ class Catalog:
     def wait_for_catalog_change(
         self, seen_generation: int, stop: threading.Event, timeout: float | None = None
     ) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._generation == seen_generation and not stop.is_set():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._cond.wait(_SLICE if remaining is None else min(remaining, _SLICE))
+            _wait(self._cond, lambda: self._generation == seen_generation, stop, timeout)
             return self._generation
 
     def wake(self) -> None:
+        """Wake every ``wait_for_catalog_change`` (call after setting a stop event)."""
         with self._cond:
             self._cond.notify_all()
 

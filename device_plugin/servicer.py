@@ -179,8 +179,8 @@ class SnapshotFeed:
     def close(self) -> None:
         self._closed.set()
         self.wake()
-        # The domain's wait wakes on stop by itself within its slice; a ``wake`` hook
-        # (the registry has one) makes it immediate.
+        # The domain's wait blocks without polling and notices a bare stop only after
+        # its safety slice (30 s in the registry); its ``wake`` hook releases it now.
         wake = getattr(self.resource, "wake", None)
         if callable(wake):
             wake()

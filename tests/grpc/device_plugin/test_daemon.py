@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from device_plugin import cli
+from device_plugin import cli, registry
+from device_plugin.config import parse_yaml
 from device_plugin.lifecycle import PluginManager
 from device_plugin.plugin import DevicePluginDomain
 
@@ -88,6 +89,27 @@ def test_real_domain_behind_the_wire(kubelet, kubelet_dir, config_file):
         manager.stop()
         domain.stop()
     assert _sockets(kubelet_dir) == {"kubelet.sock"}
+
+
+def test_shutdown_releases_every_domain_wait_at_once(kubelet, kubelet_dir, monkeypatch):
+    # The registry's waits block without polling; only wake() releases them before
+    # the safety slice (made an hour here), so this hangs if shutdown forgets one.
+    monkeypatch.setattr(registry, "SAFETY_SLICE_SECONDS", 3600.0)
+    catalog = registry.Catalog(parse_yaml(CONFIG))
+    manager = PluginManager(catalog, kubelet_dir, safety_interval=3600.0)
+    try:
+        manager.start()
+        for name in RESOURCES:
+            kubelet.wait_registered(name)
+        feeds = [server._feed._thread for server in manager.servers.values()]
+        waiters = [*feeds, *manager._threads]
+        assert len(waiters) == len(RESOURCES) + 2 and all(t and t.is_alive() for t in waiters)
+    finally:
+        manager.stop()
+    for thread in waiters:
+        assert thread is not None
+        thread.join(5)
+        assert not thread.is_alive(), f"{thread.name} still waiting after shutdown"
 
 
 def test_healthz_reports_the_lifecycle_threads(kubelet, kubelet_dir, config_file):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from device_plugin import registry
 from device_plugin.config import parse_yaml
 from device_plugin.health import HealthMonitor
 from device_plugin.matching import DeviceInfo
@@ -90,6 +93,64 @@ def test_wait_for_catalog_change():
     t.join(5)
     assert result == [1]
     assert cat.wait_for_catalog_change(1, threading.Event(), 0.01) == 1
+
+
+class _RecordingCondition(threading.Condition):
+    """A condition that records the timeout of every wait on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+def _idle_waiters():
+    """(object whose ``_cond`` the wait uses, a wait with no timeout on it) pairs."""
+    state = ResourceState(parse_yaml(BASE).resources[0])
+    catalog = Catalog(parse_yaml(BASE))
+    return [
+        (state, lambda stop: state.wait_for_change(0, stop)),
+        (catalog, lambda stop: catalog.wait_for_catalog_change(0, stop)),
+    ]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["resource", "catalog"])
+def test_an_idle_wait_blocks_without_polling_until_woken(which):
+    # The idle daemon spends its life in these waits (a feed per resource, the
+    # catalog follower): they must not wake up every fraction of a second.
+    owner, wait = _idle_waiters()[which]
+    cond = _RecordingCondition()
+    owner._cond = cond
+    stop = threading.Event()
+    waiter = threading.Thread(target=wait, args=(stop,))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not cond.timeouts:
+        assert time.monotonic() < deadline, "the waiter never blocked"
+        time.sleep(0.01)
+    stop.set()
+    owner.wake()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert registry.SAFETY_SLICE_SECONDS >= 10
+    assert cond.timeouts and all(t == registry.SAFETY_SLICE_SECONDS for t in cond.timeouts)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["resource", "catalog"])
+def test_a_stop_set_without_wake_is_still_noticed(monkeypatch, which):
+    # The Protocol contract: stop ends the wait even when nobody calls wake()
+    # (within the safety slice, shortened here so the test is quick).
+    monkeypatch.setattr(registry, "SAFETY_SLICE_SECONDS", 0.05)
+    _owner, wait = _idle_waiters()[which]
+    stop = threading.Event()
+    waiter = threading.Thread(target=wait, args=(stop,))
+    waiter.start()
+    stop.set()
+    waiter.join(5)
+    assert not waiter.is_alive()
 
 
 def test_probe_turns_unhealthy_and_back(tmp_path):
