@@ -11,9 +11,10 @@ device ID, nodes, health, NUMA) without a kubelet and without importing gRPC.
 Liveness: each plugin socket serves the standard gRPC health service, but the
 socket names change on every registration, so a probe cannot name one.
 ``--health-address`` therefore serves ``GET /healthz`` over HTTP: 200 while the
-directory watch, the catalog follower and every resource's lifecycle thread
-have woken up recently (each wakes at least every few seconds), 503 naming the
-stuck part otherwise.  It is off unless set, like ``--metrics-address``.
+directory watch and the catalog follower are alive and every resource's
+lifecycle thread has woken up within 60 s (each wakes at least every 30 s),
+503 naming the stuck part otherwise.  It is off unless set, like
+``--metrics-address``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 # /healthz fails when a lifecycle thread has not woken up for this long; they wake
-# at least every safety interval (5 s) and a Register call is bounded by 15 s.
+# at least every idle interval (30 s, lifecycle.PluginServer) and a Register call
+# is bounded by 15 s.
 HEALTH_MAX_AGE_SECONDS = 60.0
 
 

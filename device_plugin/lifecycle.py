@@ -19,8 +19,16 @@ and waits quietly (one INFO line) while ``kubelet.sock`` does not exist.
 ``PluginManager`` runs one ``PluginServer`` per resource of the catalog, turns
 inotify events on the directory into requests to the right server, follows the
 catalog across config reloads, and on shutdown stops every server and removes
-its socket.  Nothing polls: a slow safety-net check (every few seconds) only
-repairs a missed event.
+its socket.  Nothing polls: a slow safety-net check only repairs a missed event.
+It runs every ``safety_interval`` (5 s) while a server is not registered (a
+refused or unanswered Register is retried that often) and every
+``idle_interval`` (30 s) once it is: inotify does not lose events short of a
+queue overflow, which is handled, so a registered server has nothing to retry,
+and the idle daemon (one lifecycle thread per resource, plus the directory
+watch and the catalog follower) then wakes once in 30 s per thread instead of 5.
+Each wake-up is a liveness heartbeat (``PluginManager.healthy``): 30 s plus a
+Register bounded by ``register_timeout`` (15 s) stays under the 60 s that
+``/healthz`` allows (``cli.HEALTH_MAX_AGE_SECONDS``).
 """
 
 from __future__ import annotations
@@ -149,6 +157,7 @@ class PluginServer:
         kubelet_dir: str = api.DEFAULT_KUBELET_DIR,
         *,
         safety_interval: float = 5.0,
+        idle_interval: float = 30.0,
         register_timeout: float = api.KUBELET_DIAL_TIMEOUT_SECONDS + 5.0,
         max_workers: int = 4,
         stop_grace: float = 1.0,
@@ -159,6 +168,7 @@ class PluginServer:
         self.kubelet_dir = kubelet_dir
         self.kubelet_socket = os.path.join(kubelet_dir, api.KUBELET_SOCKET)
         self._safety_interval = safety_interval
+        self._idle_interval = idle_interval
         self._register_timeout = register_timeout
         self._max_workers = max_workers
         self._stop_grace = stop_grace
@@ -250,7 +260,7 @@ class PluginServer:
             while True:
                 with self._cond:
                     if not self._reasons and not self._stopping:
-                        self._cond.wait(self._safety_interval)
+                        self._cond.wait(self._next_check())
                     if self._stopping:
                         break
                     reasons, self._reasons = self._reasons, []
@@ -267,6 +277,11 @@ class PluginServer:
                     )
         finally:
             self._teardown()
+
+    def _next_check(self) -> float:
+        """Seconds to the next safety check: short while there is something to retry."""
+        settled = self.registered and self._refused_generation is None
+        return self._idle_interval if settled else self._safety_interval
 
     def _decide(self, reasons: list[str]) -> str | None:
         """Which restart, if any, the pending reasons (or the safety check) call for."""
@@ -492,14 +507,19 @@ class PluginManager:
         kubelet_dir: str = api.DEFAULT_KUBELET_DIR,
         *,
         safety_interval: float = 5.0,
+        idle_interval: float = 30.0,
         server_factory: Callable[[model.Resource], PluginServer] | None = None,
     ) -> None:
         self.catalog = catalog
         self.kubelet_dir = kubelet_dir
         self._safety_interval = safety_interval
+        self._idle_interval = idle_interval
         self._factory = server_factory or (
             lambda resource: PluginServer(
-                resource, kubelet_dir, safety_interval=safety_interval
+                resource,
+                kubelet_dir,
+                safety_interval=safety_interval,
+                idle_interval=idle_interval,
             )
         )
         self._servers: dict[str, PluginServer] = {}
@@ -606,8 +626,9 @@ class PluginManager:
         generation = -1
         while not self._stop.is_set():
             try:
+                # Woken by a change or by stop(); the timeout is only a heartbeat.
                 new = self.catalog.wait_for_catalog_change(
-                    generation, self._stop, timeout=self._safety_interval
+                    generation, self._stop, timeout=self._idle_interval
                 )
             except Exception:
                 log.exception("following the resource catalog failed")
@@ -627,8 +648,9 @@ class PluginManager:
     def _watch_loop(self, watch: inotify.DirectoryWatch) -> None:
         try:
             while not self._stop.is_set():
+                # Woken by an event or by stop()'s pipe; the timeout is only a heartbeat.
                 ready, _, _ = select.select(
-                    [watch.fileno(), self._wake_r], [], [], self._safety_interval
+                    [watch.fileno(), self._wake_r], [], [], self._idle_interval
                 )
                 if self._stop.is_set():
                     break

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 import time
 
 import grpc
 import pytest
 
-from device_plugin import api, model
+from device_plugin import api, cli, model
+from device_plugin.lifecycle import PluginManager, PluginServer
 from tests.grpc.device_plugin.doubles import FakeCatalog, FakeResource, unit
 from tests.grpc.kubelet import KubeletStandIn, is_extended_resource_name
 
@@ -138,6 +140,56 @@ def test_waits_quietly_for_kubelet_sock_then_registers(kubelet_dir, run_manager,
         if r.levelno >= logging.WARNING and r.name.startswith("device_plugin")
     ]
     assert noisy == []
+
+
+class _RecordingCondition(threading.Condition):
+    """A condition that records the timeout of every wait on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+def test_safety_checks_are_quick_until_registered_then_slow(kubelet_dir):
+    # While unregistered the safety check retries every safety interval; once
+    # registered there is nothing to retry and the idle lifecycle thread sleeps
+    # the long idle interval, still within what /healthz allows.
+    servers: list[PluginServer] = []
+
+    def factory(resource: model.Resource) -> PluginServer:
+        server = PluginServer(resource, kubelet_dir)
+        server._cond = _RecordingCondition()
+        servers.append(server)
+        return server
+
+    manager = PluginManager(
+        FakeCatalog([FakeResource("hostkit.io/fake", [unit("a")])]),
+        kubelet_dir,
+        server_factory=factory,
+    )
+    kubelet = KubeletStandIn(kubelet_dir)
+    try:
+        manager.start()
+        (server,) = servers
+        cond = server._cond
+        assert isinstance(cond, _RecordingCondition)
+        quick, slow = server._safety_interval, server._idle_interval
+        assert quick < slow
+        wait_until(lambda: quick in cond.timeouts)  # no kubelet.sock yet
+        assert slow not in cond.timeouts
+        kubelet.start()
+        kubelet.wait_registered("hostkit.io/fake")
+        wait_until(lambda: slow in cond.timeouts)
+        assert server.registered
+    finally:
+        manager.stop()
+        kubelet.stop()
+    # The slowest heartbeat: an idle wait, then a Register call that times out.
+    assert slow + server._register_timeout < cli.HEALTH_MAX_AGE_SECONDS
 
 
 def test_several_resources_one_socket_each(kubelet, run_manager):
