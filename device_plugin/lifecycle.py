@@ -26,8 +26,9 @@ refused or unanswered Register is retried that often) and every
 queue overflow, which is handled, so a registered server has nothing to retry,
 and the idle daemon (one lifecycle thread per resource, plus the directory
 watch and the catalog follower) then wakes once in 30 s per thread instead of 5.
-Each wake-up is a liveness heartbeat (``PluginManager.healthy``): 30 s plus a
-Register bounded by ``register_timeout`` (15 s) stays under the 60 s that
+The lifecycle thread beats a liveness heartbeat (``PluginManager.healthy``)
+before and after each wait, so its longest silence is one idle wait (30 s) or
+one Register (bounded by ``register_timeout``, 15 s), well under the 60 s that
 ``/healthz`` allows (``cli.HEALTH_MAX_AGE_SECONDS``).
 """
 
@@ -258,6 +259,9 @@ class PluginServer:
         try:
             self._cycle_safely("start")
             while True:
+                # A heartbeat before and after each wait: the longest silence is one
+                # wait or one step, never both.
+                self.heartbeat = time.monotonic()
                 with self._cond:
                     if not self._reasons and not self._stopping:
                         self._cond.wait(self._next_check())

@@ -135,3 +135,8 @@ class FakeCatalog:
                 lambda: self._generation != seen_generation or stop.is_set(), timeout=timeout
             )
             return self._generation
+
+    def wake(self) -> None:
+        """Like the registry's Catalog: PluginManager.stop releases the follower."""
+        with self._cond:
+            self._cond.notify_all()
