@@ -24,16 +24,14 @@ import dataclasses
 import json
 import logging
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from plugin_runtime.logs import configure_logging
 
 if TYPE_CHECKING:
-    from http.server import ThreadingHTTPServer
-
     from device_plugin.config import Config
+    from plugin_runtime.metrics import HttpEndpoint
 
 log = logging.getLogger("device_plugin")
 
@@ -185,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
         domain.stop()
         return EXIT_FAILED
     manager = PluginManager(domain.catalog, args.kubelet_dir)
-    health: ThreadingHTTPServer | None = None
+    health: HttpEndpoint | None = None
     try:
         manager.start()
         if health_address is not None:
@@ -200,8 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("received %s; shutting down", signals.received)
     finally:
         if health is not None:
-            health.shutdown()
-            health.server_close()
+            health.stop()
         manager.stop()
         domain.stop()
         if metrics is not None:
@@ -211,8 +208,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _start_health_endpoint(
     address: tuple[str, int], check: Callable[[float], tuple[bool, str]]
-) -> ThreadingHTTPServer:
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+) -> HttpEndpoint:
+    from http.server import BaseHTTPRequestHandler
+
+    from plugin_runtime.metrics import HttpEndpoint
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -230,11 +229,9 @@ def _start_health_endpoint(
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("healthz: " + format, *args)
 
-    server = ThreadingHTTPServer(address, Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
-    log.info("serving /healthz on %s:%d", *server.server_address[:2])
-    return server
+    endpoint = HttpEndpoint(*address, Handler, "healthz")
+    log.info("serving /healthz on %s:%d", endpoint.host, endpoint.port)
+    return endpoint
 
 
 if __name__ == "__main__":  # pragma: no cover

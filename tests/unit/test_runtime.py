@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import selectors
+import socket
 import tempfile
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -12,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from plugin_runtime import commands, errors
 from plugin_runtime.inotify import IN_CREATE, IN_DELETE, DirectoryWatch
-from plugin_runtime.metrics import parse_address
+from plugin_runtime.metrics import parse_address, start_metrics_endpoint
 from plugin_runtime.server import UnixSocketServer, parse_unix_endpoint, remove_stale_socket
 
 
@@ -71,6 +74,34 @@ def test_metrics_address_parsing():
     assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
     with pytest.raises(ValueError, match="port"):
         parse_address("localhost:http")
+
+
+def test_metrics_endpoint_serves_and_sleeps_without_a_timeout(monkeypatch):
+    # socketserver's serve_forever would wake every 0.5 s for nothing; this endpoint's
+    # thread waits with no timeout and still stops at once.
+    timeouts: list[float | None] = []
+    base = selectors.DefaultSelector
+
+    class Recording(base):  # type: ignore[misc,valid-type]
+        def select(self, timeout=None):
+            timeouts.append(timeout)
+            return super().select(timeout)
+
+    monkeypatch.setattr(selectors, "DefaultSelector", Recording)
+    endpoint = start_metrics_endpoint("127.0.0.1:0")
+    assert endpoint is not None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=5) as r:
+            assert r.status == 200 and b"hostkit_rpc_total" in r.read()
+    finally:
+        endpoint.stop()
+    assert not endpoint._thread.is_alive()
+    assert timeouts and all(t is None for t in timeouts)
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(
+        ("127.0.0.1", endpoint.port), timeout=5
+    ):
+        pass
+    endpoint.stop()  # idempotent
 
 
 def test_remove_stale_socket_refuses_regular_files():

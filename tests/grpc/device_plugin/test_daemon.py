@@ -118,9 +118,9 @@ def test_healthz_reports_the_lifecycle_threads(kubelet, kubelet_dir, config_file
     manager = PluginManager(domain.catalog, kubelet_dir)
     try:
         manager.start()
-        server = cli._start_health_endpoint(("127.0.0.1", 0), manager.healthy)
+        endpoint = cli._start_health_endpoint(("127.0.0.1", 0), manager.healthy)
         try:
-            port = server.server_address[1]
+            port = endpoint.port
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
                 assert r.status == 200
             with pytest.raises(urllib.error.HTTPError) as info:
@@ -134,8 +134,7 @@ def test_healthz_reports_the_lifecycle_threads(kubelet, kubelet_dir, config_file
             assert b"shutting down" in info.value.read()
             info.value.close()
         finally:
-            server.shutdown()
-            server.server_close()
+            endpoint.stop()
     finally:
         manager.stop()
         domain.stop()
