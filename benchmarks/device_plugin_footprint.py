@@ -1,7 +1,8 @@
 """RSS and idle CPU of the real daemon serving three resources (goal <= 40 MB, < 0.1 %).
 
 Starts ``python -m device_plugin serve`` with three resources registered with the
-kubelet stand-in, lets it settle, then samples its RSS (and USS) and the CPU time
+kubelet stand-in and, like the DaemonSet, the metrics and /healthz endpoints on
+(on ephemeral loopback ports), lets it settle, then samples its RSS (and USS) and the CPU time
 it uses while idle over ``seconds`` (default 10), both from the kernel's
 tick-sampled process times (steps of 0.1 % over 10 s, too coarse near the goal)
 and as the sum of the threads' scheduler run times (nanoseconds, from
@@ -47,7 +48,8 @@ def _threads(pid: int) -> dict[str, tuple[str, int, int]]:
 def main(seconds: float = 10.0) -> None:
     monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
     monitor.start()
-    with daemon(MEM_CONFIG, MEM_RESOURCES) as run:
+    endpoints = ("--metrics-address", "127.0.0.1:0", "--health-address", "127.0.0.1:0")
+    with daemon(MEM_CONFIG, MEM_RESOURCES, extra_args=endpoints) as run:
         proc = psutil.Process(run.proc.pid)
         time.sleep(2.0)  # settle: first snapshots sent, import-time garbage collected
         while monitor.poll(timeout=0) is not None:
@@ -73,7 +75,8 @@ def main(seconds: float = 10.0) -> None:
         reverse=True,
     )
     run_total = sum(b[0] for b in busiest)
-    print(f"daemon footprint, 3 resources registered, idle for {elapsed:.1f} s")
+    print(f"daemon footprint, 3 resources registered, metrics and /healthz on, "
+          f"idle for {elapsed:.1f} s")
     print(table([
         ("RSS", f"{memory.rss / 1e6:.1f} MB", "<= 40 MB"),
         ("USS (private)", f"{memory.uss / 1e6:.1f} MB", "-"),

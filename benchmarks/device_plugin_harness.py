@@ -46,7 +46,11 @@ class Running:
 
 @contextmanager
 def daemon(
-    config: str, resources: Sequence[str], *, log_level: str = "warning"
+    config: str,
+    resources: Sequence[str],
+    *,
+    log_level: str = "warning",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Running]:
     """Start the stand-in and the daemon; yield once every resource registered."""
     directory = tempfile.mkdtemp(prefix="dpb", dir="/tmp")
@@ -60,7 +64,7 @@ def daemon(
         [
             sys.executable, "-m", "device_plugin", "serve", "--config", cfg,
             "--kubelet-dir", kubelet_dir, "--cdi-dir", os.path.join(directory, "cdi"),
-            "--log-level", log_level,
+            "--log-level", log_level, *extra_args,
         ],
         cwd=ROOT,
         text=True,
