@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from device_plugin import allocation, identity, metrics
 from device_plugin.cdi import CdiWriter
 from device_plugin.config import Config, ResourceConfig
-from device_plugin.health import Health, probe_unit
+from device_plugin.health import probe_unit
 from device_plugin.matching import DeviceInfo
 from device_plugin.model import (
     HEALTHY,
@@ -86,7 +86,6 @@ class ResourceState:
         self._cdi = cdi
         self._devices: tuple[DeviceInfo, ...] = ()
         self._units: tuple[Unit, ...] = ()
-        self._health: dict[str, Health] = {}
         self._by_id: dict[str, Unit] = {}
         self._snapshot = ResourceSnapshot(config.name, 0, ())
         self._index: Mapping[str, DeviceUnit] = {}
@@ -202,11 +201,10 @@ class ResourceState:
     ) -> bool:
         ticket, config, devices = begun
         units = build_units(config, devices)
-        health = {u.id: probe_unit(config.health, u) for u in units}
         entries: list[DeviceUnit] = []
         by_id: dict[str, Unit] = {}
         for unit in units:
-            state = health[unit.id]
+            state = probe_unit(config.health, unit)
             for unit_id in identity.share_ids(unit.id, config.share):
                 entries.append(DeviceUnit(unit_id, state.healthy, unit.numa_nodes, unit.nodes,
                                           state.reason))
@@ -217,7 +215,6 @@ class ResourceState:
                 return False  # a newer inventory/config was published meanwhile
             self._published_ticket = ticket
             self._units = units
-            self._health = health
             self._by_id = by_id
             changed_snapshot = new_units != self._snapshot.units
             if changed_snapshot:
