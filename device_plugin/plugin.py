@@ -60,7 +60,6 @@ class DevicePluginDomain:
         self.reloader: ConfigReloader | None = None
         if self.config_path is not None and watch_config:
             self.reloader = ConfigReloader(self.config_path, self._apply, initial=initial)
-        self._started = False
         metrics.CONFIG_LAST_RELOAD_SUCCESS.set(1)
 
     @property
@@ -85,7 +84,6 @@ class DevicePluginDomain:
         self.health.start()
         if self.reloader is not None:
             self.reloader.start()
-        self._started = True
         log.info("device plugin domain started: %d resources, source %s",
                  len(self.catalog.resources()), self.discovery.source)
 
@@ -99,7 +97,6 @@ class DevicePluginDomain:
         self.catalog.wake()
         for res in self.catalog.resources().values():
             res.wake()
-        self._started = False
 
 
 @dataclass(frozen=True)
