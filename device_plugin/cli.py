@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("device_plugin")
 
 # Same as api.DEFAULT_KUBELET_DIR; spelled out so `discover` never imports gRPC
-# (tests/unit/test_device_plugin_cli.py keeps the two equal).
+# (tests/grpc/device_plugin/test_daemon.py keeps the two equal).
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 
 EXIT_OK = 0
