@@ -281,13 +281,27 @@ def test_sockets_of_dead_instances_are_removed_at_start(kubelet, run_manager):
         listeners[1].close()
 
 
-def test_kubelet_dir_removed_and_recreated(kubelet, run_manager):
+def _remove_tree(path: str, attempts: int = 50) -> None:
+    """``shutil.rmtree`` while the plugin under test may bind a new socket in ``path``
+    (its own socket just went) or remove its old one: try again."""
     import shutil
 
+    for _ in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and exc.filename == path:
+                return
+            time.sleep(0.02)  # a socket appeared (ENOTEMPTY) or vanished mid-walk
+    raise AssertionError(f"{path} could not be removed in {attempts} attempts")
+
+
+def test_kubelet_dir_removed_and_recreated(kubelet, run_manager):
     run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
     first = kubelet.wait_registered("hostkit.io/fake")
     kubelet.stop()
-    shutil.rmtree(kubelet.directory)
+    _remove_tree(kubelet.directory)
     with kubelet._cond:
         kubelet.endpoints.clear()
     kubelet.start()  # re-creates the directory and kubelet.sock
