@@ -85,17 +85,26 @@ def matched_ancestor(parent: ParentMatch, info: DeviceInfo) -> Ancestor | None:
     return None
 
 
+def cheap_match(
+    matcher: Matcher, subsystem: str | None, devtype: str | None, kernel: str,
+    devnode: str | None,
+) -> bool:
+    """The keys that need neither attributes nor ancestors: the first part of ``matches``
+    and discovery's pre-filter (``AttributeNeeds.may_select``)."""
+    if matcher.subsystem is not None and subsystem != matcher.subsystem:
+        return False
+    if matcher.devtype is not None and devtype != matcher.devtype:
+        return False
+    if matcher.kernel is not None and not fnmatchcase(kernel, matcher.kernel):
+        return False
+    return matcher.devnode is None or (
+        devnode is not None and fnmatchcase(devnode, matcher.devnode)
+    )
+
+
 def matches(matcher: Matcher, info: DeviceInfo) -> bool:
     """Whether ``info`` satisfies every key of ``matcher``."""
-    if matcher.subsystem is not None and info.subsystem != matcher.subsystem:
-        return False
-    if matcher.devtype is not None and info.devtype != matcher.devtype:
-        return False
-    if matcher.kernel is not None and not fnmatchcase(info.kernel, matcher.kernel):
-        return False
-    if matcher.devnode is not None and (
-        info.devnode is None or not fnmatchcase(info.devnode, matcher.devnode)
-    ):
+    if not cheap_match(matcher, info.subsystem, info.devtype, info.kernel, info.devnode):
         return False
     if not _glob_pairs(matcher.properties, info.properties):
         return False
@@ -113,19 +122,6 @@ def select(resource: ResourceConfig, devices: Iterable[DeviceInfo]) -> tuple[Dev
     """The devices ``resource`` selects, ordered by sysfs path (deterministic)."""
     return tuple(sorted((d for d in devices if resource_matches(resource, d)),
                         key=lambda d: d.sys_path))
-
-
-def cheap_match(
-    matcher: Matcher, subsystem: str | None, devtype: str | None, kernel: str, devnode: str
-) -> bool:
-    """The keys that need neither attributes nor ancestors (a pre-filter for discovery)."""
-    if matcher.subsystem is not None and subsystem != matcher.subsystem:
-        return False
-    if matcher.devtype is not None and devtype != matcher.devtype:
-        return False
-    if matcher.kernel is not None and not fnmatchcase(kernel, matcher.kernel):
-        return False
-    return matcher.devnode is None or fnmatchcase(devnode, matcher.devnode)
 
 
 @dataclass(frozen=True)
