@@ -121,18 +121,15 @@ class DiscoveredDevice:
         }
 
 
-def discover(
-    config: Config | str | Path | None = None, *, context: Any = None
-) -> list[DiscoveredDevice]:
+def discover(config: Config | str | Path | None = None) -> list[DiscoveredDevice]:
     """What would be advertised now: enumerate once and build every resource's snapshot.
 
     ``config`` is a loaded ``Config``, a path, or None for the embedded default.
     Rows are ordered by resource (config order) then ID.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
-    ctx = context if context is not None else pyudev.Context()
     log.debug("discover: event source would be %s", default_source())
-    inventory = enumerate_devices(ctx, cfg.subsystems(), attribute_needs(cfg))
+    inventory = enumerate_devices(pyudev.Context(), cfg.subsystems(), attribute_needs(cfg))
     devices = tuple(d for group in inventory.values() for d in group)
     rows: list[DiscoveredDevice] = []
     for res in cfg.resources:
