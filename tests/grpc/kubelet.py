@@ -60,6 +60,14 @@ def _is_qualified_name(text: str) -> bool:
     return 0 < len(name) <= 63 and bool(_QUALIFIED_NAME.match(name))
 
 
+def socket_names(directory: str) -> set[str]:
+    """Names of the socket files in ``directory`` (what a kubelet restart would wipe)."""
+    return {
+        n for n in os.listdir(directory)
+        if stat.S_ISSOCK(os.lstat(os.path.join(directory, n)).st_mode)
+    }
+
+
 def is_extended_resource_name(name: str) -> bool:
     """v1helper.IsExtendedResourceName."""
     if "/" not in name:

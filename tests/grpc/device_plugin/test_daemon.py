@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from device_plugin import cli, registry
 from device_plugin.config import parse_yaml
 from device_plugin.lifecycle import PluginManager
 from device_plugin.plugin import DevicePluginDomain
+from tests.grpc.kubelet import socket_names
 
 # Memory character devices exist on every Linux host (and in every container).
 CONFIG = """\
@@ -47,13 +47,6 @@ def config_file():
         yield path
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _sockets(directory):
-    return {
-        n for n in os.listdir(directory)
-        if stat.S_ISSOCK(os.lstat(os.path.join(directory, n)).st_mode)
-    }
 
 
 def test_real_domain_behind_the_wire(kubelet, kubelet_dir, config_file):
@@ -88,7 +81,7 @@ def test_real_domain_behind_the_wire(kubelet, kubelet_dir, config_file):
     finally:
         manager.stop()
         domain.stop()
-    assert _sockets(kubelet_dir) == {"kubelet.sock"}
+    assert socket_names(kubelet_dir) == {"kubelet.sock"}
 
 
 def test_shutdown_releases_every_domain_wait_at_once(kubelet, kubelet_dir, monkeypatch):
@@ -161,7 +154,7 @@ def test_sigterm_on_the_daemon_exits_cleanly_and_removes_its_sockets(
     proc, cdi = _serve(kubelet_dir, config_file)
     try:
         endpoints = [kubelet.wait_registered(name, timeout=30) for name in RESOURCES]
-        assert _sockets(kubelet_dir) == {"kubelet.sock", *(e.socket for e in endpoints)}
+        assert socket_names(kubelet_dir) == {"kubelet.sock", *(e.socket for e in endpoints)}
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
@@ -170,7 +163,7 @@ def test_sigterm_on_the_daemon_exits_cleanly_and_removes_its_sockets(
             proc.kill()
             proc.communicate(timeout=10)
         shutil.rmtree(cdi, ignore_errors=True)
-    assert _sockets(kubelet_dir) == {"kubelet.sock"}
+    assert socket_names(kubelet_dir) == {"kubelet.sock"}
     assert sorted(os.listdir(kubelet_dir)) == ["kubelet.sock"]
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any("received SIGTERM" in line["msg"] for line in lines)

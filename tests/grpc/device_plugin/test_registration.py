@@ -14,7 +14,7 @@ import pytest
 from device_plugin import api, cli, model
 from device_plugin.lifecycle import PluginManager, PluginServer
 from tests.grpc.device_plugin.doubles import FakeCatalog, FakeResource, unit
-from tests.grpc.kubelet import KubeletStandIn, is_extended_resource_name
+from tests.grpc.kubelet import KubeletStandIn, is_extended_resource_name, socket_names
 
 
 def wait_until(predicate, timeout=10.0):
@@ -23,13 +23,6 @@ def wait_until(predicate, timeout=10.0):
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-
-
-def _sockets(directory: str) -> set[str]:
-    return {
-        n for n in os.listdir(directory)
-        if stat.S_ISSOCK(os.lstat(os.path.join(directory, n)).st_mode)
-    }
 
 
 def test_serves_before_register_and_sends_the_same_options_both_ways(kubelet, run_manager):
@@ -96,8 +89,8 @@ def test_kubelet_restart_re_registers_on_a_new_socket(kubelet, run_manager):
         kubelet.restart()
         again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket)
         assert again.snapshots[-1].healthy() == {"a"}
-        assert again.socket in _sockets(kubelet.directory)
-        assert first.socket not in _sockets(kubelet.directory)
+        assert again.socket in socket_names(kubelet.directory)
+        assert first.socket not in socket_names(kubelet.directory)
         first = again
 
 
@@ -119,7 +112,7 @@ def test_stream_ended_re_registers(kubelet, run_manager):
     again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket)
     assert again.snapshots[-1].healthy() == {"a"}
     assert "ListAndWatch stream ended" in manager.servers["hostkit.io/fake"].reregister_reasons
-    assert first.socket not in _sockets(kubelet.directory)
+    assert first.socket not in socket_names(kubelet.directory)
 
 
 def test_waits_quietly_for_kubelet_sock_then_registers(kubelet_dir, run_manager, caplog):
@@ -197,7 +190,7 @@ def test_several_resources_one_socket_each(kubelet, run_manager):
     run_manager(*(FakeResource(n, [unit(f"{n[-2:]}-{j}") for j in range(2)]) for n in names))
     endpoints = [kubelet.wait_registered(n) for n in names]
     assert len({e.socket for e in endpoints}) == 3
-    assert {e.socket for e in endpoints} <= _sockets(kubelet.directory)
+    assert {e.socket for e in endpoints} <= socket_names(kubelet.directory)
     for name, endpoint in zip(names, endpoints, strict=True):
         assert endpoint.snapshots[-1].healthy() == {f"{name[-2:]}-0", f"{name[-2:]}-1"}
 
@@ -212,9 +205,9 @@ def test_shutdown_removes_every_socket(kubelet, kubelet_dir):
     manager.start()
     kubelet.wait_registered("hostkit.io/a")
     kubelet.wait_registered("hostkit.io/b")
-    assert len(_sockets(kubelet_dir)) == 3
+    assert len(socket_names(kubelet_dir)) == 3
     manager.stop()
-    assert _sockets(kubelet_dir) == {"kubelet.sock"}
+    assert socket_names(kubelet_dir) == {"kubelet.sock"}
     assert [n for n in os.listdir(kubelet_dir) if n != "kubelet.sock"] == []
 
 
@@ -229,7 +222,7 @@ def test_catalog_change_adds_and_removes_servers(kubelet, run_manager):
     catalog.set_resources([FakeResource("hostkit.io/b2", [unit("c")])])
     kubelet.wait_registered("hostkit.io/b2")
     kubelet.wait_for(
-        lambda: first.socket not in _sockets(kubelet.directory), 10, "a's socket to go"
+        lambda: first.socket not in socket_names(kubelet.directory), 10, "a's socket to go"
     )
     kubelet.wait_for(lambda: first.disconnected, 10, "a's stream to end")
 
