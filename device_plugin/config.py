@@ -331,12 +331,6 @@ class Config:
     resources: tuple[ResourceConfig, ...] = ()
     source: str = "<embedded default>"
 
-    def resource(self, name: str) -> ResourceConfig:
-        for res in self.resources:
-            if res.name == name:
-                return res
-        raise KeyError(name)
-
     def subsystems(self) -> frozenset[str] | None:
         """Subsystems discovery must watch; None when some matcher has none (watch all)."""
         found: set[str] = set()
