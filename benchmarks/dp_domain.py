@@ -22,16 +22,12 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.device_plugin_harness import percentile
 from device_plugin.config import parse_yaml
 from device_plugin.matching import DeviceInfo
 from device_plugin.plugin import DevicePluginDomain
 from device_plugin.registry import ResourceState
 from plugin_runtime import commands
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def uevent_latency(events: int) -> None:
@@ -88,7 +84,7 @@ resources:
         shutil.rmtree(directory, ignore_errors=True)
     ms = [v * 1000 for v in latencies]
     print(f"uevent -> snapshot (waiter woke), {len(ms)} changes: "
-          f"p50 {statistics.median(ms):.2f} ms, p99 {pct(ms, 0.99):.2f} ms, "
+          f"p50 {statistics.median(ms):.2f} ms, p99 {percentile(ms, 99):.2f} ms, "
           f"max {max(ms):.2f} ms")
 
 
