@@ -47,26 +47,14 @@ import time
 from collections.abc import Callable, Mapping
 
 import grpc
-from prometheus_client import Counter, Gauge
 
 from device_plugin import api, model
-from device_plugin.metrics import REGISTRATIONS, SNAPSHOT_BYTES
+from device_plugin.metrics import REGISTERED, REGISTRATIONS, SNAPSHOT_BYTES, SNAPSHOTS_REFUSED
 from device_plugin.servicer import DevicePluginServicer, EncodedSnapshot, SnapshotFeed, StreamEnd
 from plugin_runtime import inotify
 from plugin_runtime.server import MAX_SOCKET_PATH, UnixSocketServer
 
 log = logging.getLogger(__name__)
-
-SNAPSHOTS_REFUSED = Counter(
-    "hostkit_device_plugin_snapshots_refused_total",
-    "Snapshots not sent because they would pass the kubelet's 4 MiB message limit",
-    ["resource"],
-)
-REGISTERED = Gauge(
-    "hostkit_device_plugin_registered",
-    "1 while the resource is registered with the kubelet",
-    ["resource"],
-)
 
 # Why a server re-registers; logged and kept for tests.
 KUBELET_RESTARTED = "kubelet.sock created"

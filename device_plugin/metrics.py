@@ -8,12 +8,17 @@ layers update the same series.  Names and who updates them:
 * ``hostkit_device_plugin_allocations_total{resource,result}`` (counter) -
   domain ``allocate``: result ``ok`` or the error code name;
 * ``hostkit_device_plugin_registrations_total{resource,result}`` (counter) - wire
-  layer, per Register attempt (``ok``/``error``);
+  layer, per Register attempt (``ok``, ``error`` when the kubelet refused,
+  ``unavailable`` when no kubelet answered);
+* ``hostkit_device_plugin_registered{resource}`` (gauge) - wire layer, 1 while
+  registered;
 * ``hostkit_device_plugin_uevents_total{subsystem,action}`` (counter) - discovery;
 * ``hostkit_device_plugin_uevent_to_snapshot_seconds{resource}`` (histogram) -
   registry: time from reading the first uevent of a burst to the new snapshot;
 * ``hostkit_device_plugin_snapshot_bytes{resource}`` (gauge) - wire layer, size of
   the last ListAndWatch message sent;
+* ``hostkit_device_plugin_snapshots_refused_total{resource}`` (counter) - wire
+  layer, snapshots not sent because they pass the kubelet's 4 MiB limit;
 * ``hostkit_device_plugin_config_reloads_total{result}`` (counter, ``success``/
   ``failure``), ``hostkit_device_plugin_config_last_reload_success`` (gauge 1/0),
   ``hostkit_device_plugin_config_last_reload_timestamp_seconds`` (gauge) - reload.
@@ -40,6 +45,11 @@ REGISTRATIONS = Counter(
     "Registrations with the kubelet by resource and result",
     ["resource", "result"],
 )
+REGISTERED = Gauge(
+    "hostkit_device_plugin_registered",
+    "1 while the resource is registered with the kubelet",
+    ["resource"],
+)
 UEVENTS = Counter(
     "hostkit_device_plugin_uevents_total",
     "udev/kernel uevents handled by subsystem and action",
@@ -54,6 +64,11 @@ UEVENT_TO_SNAPSHOT = Histogram(
 SNAPSHOT_BYTES = Gauge(
     "hostkit_device_plugin_snapshot_bytes",
     "Serialized size of the last ListAndWatch snapshot sent, by resource",
+    ["resource"],
+)
+SNAPSHOTS_REFUSED = Counter(
+    "hostkit_device_plugin_snapshots_refused_total",
+    "Snapshots not sent because they would pass the kubelet's 4 MiB message limit",
     ["resource"],
 )
 CONFIG_RELOADS = Counter(
