@@ -44,14 +44,13 @@ def validate_ids(
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         raise InvalidArgument(f"{resource}: device IDs requested more than once: {_shown(dupes)}")
-    by_id = index
-    unknown = sorted(i for i in ids if i not in by_id)
+    unknown = sorted(i for i in ids if i not in index)
     if unknown:
         raise NotFound(
             f"{resource}: unknown device ID(s) {_shown(unknown)}: not advertised "
             f"(the device is gone or the ID belongs to another resource)"
         )
-    units = [by_id[i] for i in sorted(ids)]
+    units = [index[i] for i in sorted(ids)]
     if healthy:
         sick = [u for u in units if not u.healthy]
         if sick:
@@ -212,7 +211,7 @@ def pre_start(
 ) -> None:
     """Run the configured PreStartContainer checks; FailedPrecondition names the node."""
     chosen = validate_ids(config.name, index, ids, healthy=False)
-    if config.pre_start is None or not config.pre_start.open:
+    if not config.pre_start_required:
         return
     for unit in _physical([u.id for u in chosen], units_by_id):
         for node in unit.nodes:
