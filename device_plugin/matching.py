@@ -142,7 +142,8 @@ class AttributeNeeds:
         return any(cheap_match(m, subsystem, devtype, kernel, devnode) for m in self.matchers)
 
 
-# Read for identity (serial-based IDs without udev) and topology on every device.
+# Read on every device and ancestor for identity (serial-based IDs without udev,
+# identity._usb_identity); NUMA topology is read separately (sysfs.numa_node).
 IDENTITY_ANCESTOR_ATTRIBUTES = frozenset({"serial", "idVendor", "idProduct",
                                           "bInterfaceNumber"})
 
