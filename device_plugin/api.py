@@ -31,8 +31,6 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Kubelet-side timers a plugin has to fit in.
 KUBELET_DIAL_TIMEOUT_SECONDS = 10.0
 PRE_START_CONTAINER_TIMEOUT_SECONDS = 30.0
-# The proto comment on Device.ID: "Max length of this field is 63 characters".
-MAX_DEVICE_ID_LENGTH = 63
 
 # The kubelet's pod-resources API (which pod holds which device IDs).
 POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -100,7 +98,6 @@ __all__ = [
     "KUBELET_CHECKPOINT",
     "KUBELET_DIAL_TIMEOUT_SECONDS",
     "KUBELET_SOCKET",
-    "MAX_DEVICE_ID_LENGTH",
     "MAX_MESSAGE_BYTES",
     "POD_RESOURCES_SOCKET",
     "PRE_START_CONTAINER_TIMEOUT_SECONDS",

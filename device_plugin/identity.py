@@ -29,6 +29,7 @@ import re
 
 from device_plugin.matching import Ancestor, DeviceInfo
 
+# Device.ID in the kubelet's api.proto: at most 63 characters.
 MAX_ID_LENGTH = 63
 _HASH_CHARS = 12
 _MAX_PREFIX = 40
