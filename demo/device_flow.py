@@ -1,9 +1,10 @@
-"""Demo part 1: the device plugin against the demo kubelet.
+"""Demo part 1: the device plugin against the kubelet stand-in.
 
 Starts the real device plugin on its embedded default configuration with a
-private device-plugins directory, lets it register with the demo kubelet, shows
-every resource and device it advertised, allocates one healthy unit, prints the
-grant, then stops the plugin and checks that its sockets are gone.
+private device-plugins directory, lets it register with ``demo.kubelet`` (the
+same strict stand-in the device-plugin tests use), shows every resource and
+device it advertised, allocates one healthy unit, prints the grant, then stops
+the plugin and checks that its sockets are gone.
 """
 
 from __future__ import annotations
