@@ -2,7 +2,7 @@
 
 The device-plugin benchmarks measure the daemon as operators run it: a separate
 process (its own interpreter, GIL and threads) registered with the kubelet
-stand-in of tests/grpc/kubelet.py in a short /tmp directory.  Also holds the
+stand-in of demo/kubelet.py in a short /tmp directory.  Also holds the
 percentile helper and the table printer the benchmark scripts share.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tests.grpc.kubelet import KubeletStandIn
+from demo.kubelet import KubeletStandIn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

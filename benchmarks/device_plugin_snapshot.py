@@ -21,6 +21,7 @@ import time
 import pyudev
 
 from benchmarks.device_plugin_harness import percentile, table
+from demo.kubelet import KubeletStandIn
 from device_plugin import api
 from device_plugin.config import parse_yaml
 from device_plugin.discovery import enumerate_devices
@@ -28,7 +29,6 @@ from device_plugin.lifecycle import PluginManager
 from device_plugin.matching import attribute_needs
 from device_plugin.registry import Catalog
 from device_plugin.servicer import encode_snapshot
-from tests.grpc.kubelet import KubeletStandIn
 
 CONFIG = """\
 domain: hostkit.io

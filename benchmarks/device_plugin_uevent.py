@@ -23,8 +23,8 @@ import tempfile
 import time
 
 from benchmarks.device_plugin_harness import daemon, percentile, table
+from demo.kubelet import Snapshot
 from plugin_runtime import commands
-from tests.grpc.kubelet import Snapshot
 
 BLKROSET = 0x125D
 NAME = "hostkit.io/bench-loop"

@@ -1,16 +1,17 @@
-"""Demo part 1: the device plugin against the demo kubelet.
+"""Demo part 1: the device plugin against the kubelet stand-in.
 
 Starts the real device plugin on its embedded default configuration with a
-private device-plugins directory, lets it register with the demo kubelet, shows
-every resource and device it advertised, allocates one healthy unit, prints the
-grant, then stops the plugin and checks that its sockets are gone.
+private device-plugins directory, lets it register with ``demo.kubelet`` (the
+same strict stand-in the device-plugin tests use), shows every resource and
+device it advertised, allocates one healthy unit, prints the grant, then stops
+the plugin and checks that its sockets are gone.
 """
 
 from __future__ import annotations
 
 import os
 
-from demo.kubelet import DemoKubelet
+from demo.kubelet import KubeletStandIn
 from demo.processes import Daemon, start_daemon
 from demo.steps import Steps
 
@@ -18,7 +19,7 @@ from demo.steps import Steps
 def run(steps: Steps, workdir: str, config: str | None = None) -> None:
     steps.section("Device plugin (the demo plays the kubelet)")
     directory = os.path.join(workdir, "device-plugins")
-    kubelet = DemoKubelet(directory)
+    kubelet = KubeletStandIn(directory)
     daemon: Daemon | None = None
     try:
         with steps.step("kubelet stand-in listens on kubelet.sock"):
@@ -38,24 +39,26 @@ def run(steps: Steps, workdir: str, config: str | None = None) -> None:
                     + daemon.log_tail()
                 )
         with steps.step("ListAndWatch: what was found on this machine"):
-            for endpoint in sorted(kubelet.endpoints.values(), key=lambda e: e.resource):
-                healthy = sum(d.health == "Healthy" for d in endpoint.devices)
+            for endpoint in sorted(endpoints, key=lambda e: e.resource):
+                snapshot = endpoint.snapshots[-1]
+                devices, healthy = snapshot.devices, snapshot.healthy()
                 steps.detail(
-                    f"{endpoint.resource}: {len(endpoint.devices)} IDs ({healthy} healthy), "
-                    f"socket {os.path.basename(endpoint.socket)}"
+                    f"{endpoint.resource}: {len(devices)} IDs ({len(healthy)} healthy), "
+                    f"socket {endpoint.socket}"
                 )
-                for device in endpoint.devices[:3]:
-                    numa = ",".join(str(n.ID) for n in device.topology.nodes) or "-"
-                    steps.detail(f"  {device.ID}  {device.health}  numa={numa}")
-                if len(endpoint.devices) > 3:
-                    steps.detail(f"  ... and {len(endpoint.devices) - 3} more")
+                for device_id, (health, nodes) in list(devices.items())[:3]:
+                    numa = ",".join(str(n) for n in nodes) or "-"
+                    steps.detail(f"  {device_id}  {health}  numa={numa}")
+                if len(devices) > 3:
+                    steps.detail(f"  ... and {len(devices) - 3} more")
         with steps.step("Allocate one unit"):
             endpoint = next(
                 e
-                for e in sorted(kubelet.endpoints.values(), key=lambda e: e.resource)
-                if any(d.health == "Healthy" for d in e.devices)
+                for e in sorted(endpoints, key=lambda e: e.resource)
+                if e.snapshots[-1].healthy()
             )
-            unit = next(d.ID for d in endpoint.devices if d.health == "Healthy")
+            snapshot = endpoint.snapshots[-1]
+            unit = next(i for i in snapshot.devices if i in snapshot.healthy())
             grant = kubelet.allocate(endpoint.resource, [unit])
             steps.detail(f"{endpoint.resource} {unit}:")
             for spec in grant.devices:

@@ -168,7 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _bad_config(exc)
     try:
-        health_address = parse_address(args.health_address) if args.health_address else None
+        health_address = None
+        if args.health_address:
+            health_address = parse_address(args.health_address, "--health-address")
         metrics = start_metrics_endpoint(args.metrics_address)
     except (ValueError, OSError) as exc:
         print(f"device-plugin: {exc}", file=sys.stderr)

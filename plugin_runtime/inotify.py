@@ -19,8 +19,6 @@ import select
 import struct
 from dataclasses import dataclass
 
-IN_ACCESS = 0x00000001
-IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040

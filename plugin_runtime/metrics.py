@@ -90,19 +90,18 @@ class HttpEndpoint:
                 os.close(fd)
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """Parse ``host:port`` or ``:port`` (all interfaces); raise ValueError naming the problem."""
+def parse_address(address: str, flag: str) -> tuple[str, int]:
+    """Parse ``host:port`` or ``:port`` (all interfaces) given to ``flag``; raise
+    ValueError naming the flag and the problem."""
     host, sep, port_text = address.rpartition(":")
     if not sep:
-        raise ValueError(f"metrics address {address!r} must be host:port or :port")
+        raise ValueError(f"{flag} {address!r} must be host:port or :port")
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(
-            f"metrics address {address!r}: port {port_text!r} is not a number"
-        ) from None
+        raise ValueError(f"{flag} {address!r}: port {port_text!r} is not a number") from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"metrics address {address!r}: port {port} is out of range")
+        raise ValueError(f"{flag} {address!r}: port {port} is out of range")
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - a DaemonSet's metrics port is meant to be scraped
     return host, port
 
@@ -111,7 +110,7 @@ def start_metrics_endpoint(address: str | None) -> HttpEndpoint | None:
     """Serve /metrics on ``address``; return None when ``address`` is empty."""
     if not address:
         return None
-    host, port = parse_address(address)
+    host, port = parse_address(address, "--metrics-address")
     endpoint = HttpEndpoint(host, port, MetricsHandler, "metrics")
     log.info("serving metrics on %s:%d", host, endpoint.port)
     return endpoint

@@ -2,15 +2,12 @@
 
 Owns rendering with ``kubectl kustomize`` (offline; the only step that needs
 kubectl, skipped with that reason when it is absent), locating objects,
-containers, volumes and flags in them, ``$(VAR)`` expansion as the kubelet
-does it, and importing the code they are compared with once it has landed, so
-every deployment test reads manifests the same way.
+containers, volumes and flags in them, and ``$(VAR)`` expansion as the
+kubelet does it, so every deployment test reads manifests the same way.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,10 +96,3 @@ def mount(cont: dict[str, Any], name: str) -> dict[str, Any]:
     assert len(hits) == 1, f"{cont['name']}: expected one mount of {name}, got {hits}"
     return dict(hits[0])
 
-
-def landed_module(name: str) -> Any:
-    """Import a module of the code the manifests are checked against; skip,
-    naming it, while it has not landed on this branch."""
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"{name} has not landed on this branch yet")
-    return importlib.import_module(name)

@@ -2,10 +2,9 @@
 
 Driver name, socket paths, registration path, resource domain, image tag and
 versions, read from the rendered manifests and compared with the package
-(csi_driver.DRIVER_NAME, the __version__s, pyproject.toml).  Where the code's
-config loaders and CLIs exist, the shipped configs are loaded with them and
-every flag the DaemonSets pass is checked against ``serve --help``; those two
-checks skip, naming the missing module, when a module has not landed yet.
+(csi_driver.DRIVER_NAME, the __version__s, pyproject.toml).  The shipped
+configs are loaded with the code's config loaders, and every flag the
+DaemonSets pass is checked against ``serve --help``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,11 @@ import pytest
 import yaml
 
 import csi_driver
+import csi_driver.config
+import csi_driver.volumes
 import device_plugin
+import device_plugin.cli
+import device_plugin.config
 from tests.deploy.manifests import (
     DAEMONSETS,
     DEFAULT_KUBELET_ROOT,
@@ -30,7 +33,6 @@ from tests.deploy.manifests import (
     container,
     expand,
     find,
-    landed_module,
     load_all,
     mount,
     overlay_root,
@@ -259,7 +261,7 @@ def test_resource_domain(default_docs: list[dict[str, Any]]) -> None:
 
 
 def test_device_plugin_config_loads_with_the_code(default_docs: list[dict[str, Any]]) -> None:
-    config_module = landed_module("device_plugin.config")
+    config_module = device_plugin.config
     text = _config(default_docs, "hostkit-device-plugin-config")
     config = config_module.parse_yaml(text, "daemonsets/base/device-plugin/config.yaml")
     assert config.domain == DOMAIN
@@ -268,7 +270,7 @@ def test_device_plugin_config_loads_with_the_code(default_docs: list[dict[str, A
 
 
 def test_csi_config_loads_with_the_code(default_docs: list[dict[str, Any]]) -> None:
-    config_module = landed_module("csi_driver.config")
+    config_module = csi_driver.config
     text = _config(default_docs, "hostkit-csi-config")
     config = config_module.parse_config(yaml.safe_load(text), STATE_DIR)
     assert config.pools[0].name == "default"
@@ -287,7 +289,6 @@ def test_csi_config_loads_with_the_code(default_docs: list[dict[str, Any]]) -> N
 ])
 def test_daemonset_flags_exist_in_the_cli(default_docs: list[dict[str, Any]], module: str,
                                           ds: str, name: str) -> None:
-    landed_module(module)
     cont = container(find(default_docs, "DaemonSet", ds), name)
     assert cont["command"] == [name]
     assert name in PYPROJECT["project"]["scripts"]
@@ -302,12 +303,10 @@ def test_daemonset_flags_exist_in_the_cli(default_docs: list[dict[str, Any]], mo
 
 
 def test_topology_key() -> None:
-    volumes = landed_module("csi_driver.volumes")
     key = f"topology.{csi_driver.DRIVER_NAME}/node"
-    assert key == volumes.TOPOLOGY_KEY
+    assert key == csi_driver.volumes.TOPOLOGY_KEY
     assert f"`{key}`" in (ROOT / "docs" / "operator-guide.md").read_text()
 
 
 def test_device_plugin_default_kubelet_dir() -> None:
-    cli = landed_module("device_plugin.cli")
-    assert f"{DEFAULT_KUBELET_ROOT}/device-plugins" == cli.DEFAULT_KUBELET_DIR
+    assert f"{DEFAULT_KUBELET_ROOT}/device-plugins" == device_plugin.cli.DEFAULT_KUBELET_DIR

@@ -217,11 +217,6 @@ def _copy_context(dest_root: Path) -> Path:
 
 
 def test_stub_check_in_the_build_context(tmp_path: Path) -> None:
-    generate = ROOT / "protos" / "generate.py"
-    missing = [s for s in re.findall(r'"(protos/[^"]+)", "([^"]+)"\)', generate.read_text())
-               if not (ROOT / s[0] / s[1]).exists()]
-    if missing:
-        pytest.skip(f"schemas not on this branch yet: {missing}")
     context = _copy_context(tmp_path / "context")
     command = [sys.executable, "protos/generate.py", "--check"]
     proc = subprocess.run(command, cwd=context, capture_output=True, text=True, timeout=120,

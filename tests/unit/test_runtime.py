@@ -6,7 +6,6 @@ import os
 import selectors
 import socket
 import tempfile
-import threading
 import urllib.request
 
 import grpc
@@ -70,10 +69,12 @@ def test_endpoint_parsing_names_the_problem():
 
 
 def test_metrics_address_parsing():
-    assert parse_address(":9100") == ("0.0.0.0", 9100)
-    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_address(":9100", "--metrics-address") == ("0.0.0.0", 9100)
+    assert parse_address("127.0.0.1:0", "--metrics-address") == ("127.0.0.1", 0)
     with pytest.raises(ValueError, match="port"):
-        parse_address("localhost:http")
+        parse_address("localhost:http", "--metrics-address")
+    with pytest.raises(ValueError, match=r"^--health-address 'foo' must be host:port"):
+        parse_address("foo", "--health-address")
 
 
 def test_metrics_endpoint_serves_and_sleeps_without_a_timeout(monkeypatch):
@@ -148,4 +149,3 @@ def test_server_stop_leaves_a_newer_socket_alone():
     finally:
         second.stop(grace=0.5)
         os.rmdir(d)
-    assert not threading.current_thread().daemon

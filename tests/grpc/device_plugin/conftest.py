@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from demo.kubelet import KubeletStandIn
 from device_plugin.lifecycle import PluginManager
 from tests.grpc.device_plugin.doubles import FakeCatalog, FakeResource
-from tests.grpc.kubelet import KubeletStandIn
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ import urllib.request
 
 import pytest
 
+from demo.kubelet import socket_names
 from device_plugin import cli, registry
 from device_plugin.config import parse_yaml
 from device_plugin.lifecycle import PluginManager
 from device_plugin.plugin import DevicePluginDomain
-from tests.grpc.kubelet import socket_names
 
 # Memory character devices exist on every Linux host (and in every container).
 CONFIG = """\

@@ -6,7 +6,7 @@ import os
 import socket
 import stat
 
-from tests.grpc.kubelet import KubeletStandIn, go_quote, is_extended_resource_name
+from demo.kubelet import KubeletStandIn, go_quote, is_extended_resource_name
 
 
 def test_restart_wipes_sockets_only_and_serves_kubelet_sock_again(kubelet_dir):

@@ -11,10 +11,10 @@ import time
 import grpc
 import pytest
 
+from demo.kubelet import KubeletStandIn, is_extended_resource_name, socket_names
 from device_plugin import api, cli, model
 from device_plugin.lifecycle import PluginManager, PluginServer
 from tests.grpc.device_plugin.doubles import FakeCatalog, FakeResource, unit
-from tests.grpc.kubelet import KubeletStandIn, is_extended_resource_name, socket_names
 
 
 def wait_until(predicate, timeout=10.0):

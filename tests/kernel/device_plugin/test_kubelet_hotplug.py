@@ -14,8 +14,8 @@ import tempfile
 
 import pytest
 
+from demo.kubelet import KubeletStandIn
 from plugin_runtime import commands
-from tests.grpc.kubelet import KubeletStandIn
 
 BLKROSET = 0x125D
 NAME = "hostkit.io/test-loop"
