@@ -14,7 +14,8 @@ Rules it keeps:
   device runs buffered and that is logged;
 - ``detach`` is never lazy: the kernel turns LOOP_CLR_FD on a device that is
   still open into "clear on last close", so a device that stays busy gets its
-  autoclear flag taken back and the caller gets FailedPrecondition.
+  autoclear flag taken back and the caller gets FailedPrecondition.  A device
+  that another attach takes over right after our unbind counts as detached.
 """
 
 from __future__ import annotations
@@ -410,7 +411,11 @@ def _wait_cleared(device: str, deadline: float) -> bool:
             if info is None:
                 return True
             if not info.lo_flags & LO_FLAGS_AUTOCLEAR:
-                return False  # re-attached by someone else meanwhile: not ours to touch
+                # Our binding is gone and another attach already reused the free device
+                # (concurrent volumes do): the detach succeeded; the new binding is not
+                # ours to touch.
+                log.debug("%s was detached and immediately reused", device)
+                return True
             if time.monotonic() >= deadline:
                 # Still open elsewhere: the kernel would clear it on last close, which is
                 # a lazy detach.  Undo that and report the device busy.

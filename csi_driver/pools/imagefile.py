@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import threading
 
@@ -29,15 +28,11 @@ from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
 from csi_driver.store import VolumeRecord, fsync_dir
 from plugin_runtime import commands
 from plugin_runtime.errors import (
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-
-log = logging.getLogger(__name__)
-
 
 SYS_BLOCK = "/sys/block"
 
@@ -78,20 +73,9 @@ def _hint(rec: VolumeRecord) -> str:
 
 
 def detach_image(path: str) -> None:
-    """Detach every loop device backed by ``path``.
-
-    ``loop.detach`` can report a device as still held when, between its
-    LOOP_CLR_FD and its check, the freed device was already taken by another
-    volume's attach (16 workers attach and detach concurrently).  What matters
-    here is whether the device still shows *this* image, so that is re-checked.
-    """
+    """Detach every loop device backed by ``path``."""
     for device in loops_backed_by(path):
-        try:
-            loop.detach(device)
-        except FailedPrecondition:
-            if device in loops_backed_by(path):
-                raise
-            log.debug("%s was detached and immediately reused by another volume", device)
+        loop.detach(device)
 
 
 def _fill(fd: int, size: int, thin: bool, what: str) -> None:
