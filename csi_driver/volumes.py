@@ -420,7 +420,7 @@ class VolumeService:
                 )
             size = source_size
         pool = place.pool
-        with getattr(pool, "alloc_lock", _NULL_LOCK):
+        with pool.alloc_lock:
             cap = self.capacity(pool, place.thin)
             if size > cap.maximum_volume_bytes:
                 raise ResourceExhausted(
@@ -686,7 +686,7 @@ class VolumeService:
             pool.grow(rec, rec.capacity_bytes)
             return rec.capacity_bytes
         extra = wanted - rec.capacity_bytes
-        with getattr(pool, "alloc_lock", _NULL_LOCK):
+        with pool.alloc_lock:
             cap = self.capacity(pool, rec.thin)
             if pool.shares_space and extra > cap.available_bytes:
                 raise ResourceExhausted(
@@ -1165,17 +1165,6 @@ class _Owned:
 
     def mounts(self) -> list[mounts.MountEntry]:
         return [e for e in mounts.read_mounts() if self.matches(e)]
-
-
-class _NullLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-_NULL_LOCK = _NullLock()
 
 
 def _check_ready(pool: Pool) -> None:

@@ -17,6 +17,7 @@ Capacity is reported honestly (``compute_capacity``):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,6 +101,7 @@ class Pool(Protocol):
     kind: str  # "image" or "disk"
     supports_snapshots: bool
     shares_space: bool  # volumes share one filesystem's space (images), not whole disks
+    alloc_lock: threading.Lock  # held across "check capacity, then allocate or grow"
 
     def start(self) -> None:
         """Prepare the pool (directories, disk mounts); safe to call again."""
