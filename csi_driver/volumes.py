@@ -1051,11 +1051,7 @@ class VolumeService:
             raise InvalidArgument("volume_path is required")
         path = self.check_path(volume_path, "volume_path")
         rec = self._volume(volume_id)
-        known = set(rec.publications)
-        if rec.staging is not None:
-            known.add(rec.staging.path)
-        if path not in known:
-            raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+        _check_volume_path(rec, path)
         if not os.path.lexists(path):
             raise NotFound(f"{path} does not exist")
         condition = self.condition(rec)
@@ -1083,11 +1079,7 @@ class VolumeService:
             rec = self._volume(volume_id)
             if cap is not None:
                 self._check_cap_fits(rec, cap)
-            known = set(rec.publications)
-            if rec.staging is not None:
-                known.add(rec.staging.path)
-            if path not in known:
-                raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+            _check_volume_path(rec, path)
             if required or limit:
                 self._grow_backing(rec, required, limit)
             pool = self.pool_of(rec)
@@ -1170,6 +1162,12 @@ class _Owned:
 def _check_ready(pool: Pool) -> None:
     if not pool.ready:
         raise Unavailable(f"pool {pool.name} is not ready yet (the driver is starting); retry")
+
+
+def _check_volume_path(rec: VolumeRecord, path: str) -> None:
+    """NodeGetVolumeStats/NodeExpandVolume: ``path`` must be the volume's stage or a target."""
+    if path not in rec.publications and (rec.staging is None or rec.staging.path != path):
+        raise NotFound(f"volume {rec.id} is not staged or published at {path}")
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:
