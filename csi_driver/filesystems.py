@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from csi_driver import loop
+from csi_driver.config import FS_TYPES
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     FailedPrecondition,
@@ -51,7 +52,7 @@ from plugin_runtime.errors import (
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+SUPPORTED_FILESYSTEMS = FS_TYPES  # the configuration's vocabulary, declared once
 
 # Smallest device each mkfs accepts (measured: xfsprogs 6.1 refuses < 300 MiB,
 # btrfs-progs 6.2 < 114294784 bytes; ext4 works far below what a volume needs).

@@ -21,15 +21,15 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from csi_driver import filesystems
 from csi_driver.config import PoolConfig
 from csi_driver.store import VolumeRecord
 
-MIB = 1 << 20
 GIB = 1 << 30
 
-# Smallest filesystem each mkfs accepts (xfsprogs 6.x refuses < 300 MiB,
-# mkfs.btrfs < 114294784 bytes per device); block volumes: one 4 KiB block.
-MIN_FS_BYTES = {"ext4": 1 * MIB, "xfs": 300 * MIB, "btrfs": 114294784, "": 4096}
+# Smallest volume per fs type: what each mkfs accepts (measured in filesystems.py);
+# block volumes ("" fs type): one 4 KiB block.
+MIN_FS_BYTES = {**filesystems.MIN_FILESYSTEM_SIZE, "": 4096}
 ALIGNMENT = 4096  # loop devices with direct I/O need sizes in whole 4 KiB blocks
 
 
