@@ -894,8 +894,10 @@ class VolumeService:
 
     def _forget_stale_publications(self, rec: VolumeRecord) -> None:
         """Drop publications whose target is gone (e.g. after a reboot)."""
-        stale = [t for t in rec.publications if not mounts.is_mountpoint(t)] if \
-            rec.publications else []
+        if not rec.publications:
+            return
+        table = mounts.read_mounts()  # once, not once per target (publish is a hot path)
+        stale = [t for t in rec.publications if mounts.find_mount(t, table) is None]
         if stale:
             for target in stale:
                 del rec.publications[target]
