@@ -158,9 +158,11 @@ _XFS_MAGIC = b"XFSB"
 def identify_filesystem(device: str) -> str | None:
     """Recognise ext4, xfs or btrfs by their superblock magic, without a tool.
 
-    Positive identification only, for hot paths (NodeStage of a formatted
-    volume): None means "not recognised here", never "empty"; decide whether a
-    device may be formatted with ``has_signature``/``probe_filesystem``.
+    Positive identification only, without spawning blkid (the driver itself does
+    not call it: NodeStage of a volume it formatted skips probing altogether;
+    benchmarks/csi_primitives.py compares it with blkid).  None means "not
+    recognised here", never "empty"; decide whether a device may be formatted
+    with ``has_signature``/``probe_filesystem``.
     Ambiguous devices (more than one magic) give None as well.
     """
     try:
