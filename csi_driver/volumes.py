@@ -1049,8 +1049,6 @@ class VolumeService:
     def node_stats(
         self, volume_id: str, volume_path: str, staging_path: str = ""
     ) -> tuple[VolumeUsage, Condition]:
-        if not volume_path:
-            raise InvalidArgument("volume_path is required")
         path = self.check_path(volume_path, "volume_path")
         rec = self._volume(volume_id)
         _check_volume_path(rec, path)
