@@ -154,8 +154,8 @@ class Pool(Protocol):
     def refresh(self, rec: VolumeRecord) -> None:
         """Make the attached block device see the backing's current size."""
 
-    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
-        """Where the image of a snapshot (of ``source``) lives in this pool."""
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord) -> str:
+        """Where the image of a snapshot of ``source`` lives in this pool."""
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         """Backing found on the host that no record explains, and records without backing."""

@@ -91,7 +91,7 @@ class ImagePool:
     def image_path(self, volume_id: str) -> str:
         return os.path.join(self.volume_dir, f"{volume_id}.img")
 
-    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord) -> str:
         return os.path.join(self.snapshot_dir, f"{snapshot_id}.img")
 
     def fs_stats(self) -> tuple[int, int]:
