@@ -178,29 +178,31 @@ class SelectorConfig:
     max_size: int = 0
 
 
+# Field defaults come from the option tables above, so a pool built in code (the
+# default pool) and one read from YAML cannot disagree about a default.
 @dataclass(frozen=True)
 class PoolConfig:
     name: str
     type: str
-    default_fs_type: str = "ext4"
+    default_fs_type: str = _COMMON_POOL_OPTIONS["default_fs_type"].default
     path: str = ""
-    thin: bool = True
-    overcommit_ratio: float = 2.0
-    reserve_bytes: int = 0
-    reserve_percent: float = 5.0
-    direct_io: bool = True
+    thin: bool = _IMAGE_OPTIONS["thin"].default
+    overcommit_ratio: float = _IMAGE_OPTIONS["overcommit_ratio"].default
+    reserve_bytes: int = _IMAGE_OPTIONS["reserve_bytes"].default
+    reserve_percent: float = _IMAGE_OPTIONS["reserve_percent"].default
+    direct_io: bool = _IMAGE_OPTIONS["direct_io"].default
     selector: SelectorConfig | None = None
-    mode: str = "volume"
-    backing_fs_type: str = "xfs"
+    mode: str = DISK_POOL_OPTIONS["mode"].default
+    backing_fs_type: str = DISK_POOL_OPTIONS["backing_fs_type"].default
 
 
 @dataclass(frozen=True)
 class DriverConfig:
     node_id: str | None = None
-    max_volumes_per_node: int = 0
-    kubelet_root: str = DEFAULT_KUBELET_ROOT
-    restrict_paths: bool = True
-    lock_wait_seconds: float = 10.0
+    max_volumes_per_node: int = TOP_OPTIONS["max_volumes_per_node"].default
+    kubelet_root: str = TOP_OPTIONS["kubelet_root"].default
+    restrict_paths: bool = TOP_OPTIONS["restrict_paths"].default
+    lock_wait_seconds: float = TOP_OPTIONS["lock_wait_seconds"].default
     pools: tuple[PoolConfig, ...] = ()
 
     def pool(self, name: str) -> PoolConfig | None:

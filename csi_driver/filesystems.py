@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from csi_driver import loop
+from csi_driver.config import FS_TYPES
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     FailedPrecondition,
@@ -51,7 +52,7 @@ from plugin_runtime.errors import (
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+SUPPORTED_FILESYSTEMS = FS_TYPES  # the configuration's vocabulary, declared once
 
 # Smallest device each mkfs accepts (measured: xfsprogs 6.1 refuses < 300 MiB,
 # btrfs-progs 6.2 < 114294784 bytes; ext4 works far below what a volume needs).
@@ -157,9 +158,11 @@ _XFS_MAGIC = b"XFSB"
 def identify_filesystem(device: str) -> str | None:
     """Recognise ext4, xfs or btrfs by their superblock magic, without a tool.
 
-    Positive identification only, for hot paths (NodeStage of a formatted
-    volume): None means "not recognised here", never "empty"; decide whether a
-    device may be formatted with ``has_signature``/``probe_filesystem``.
+    Positive identification only, without spawning blkid (the driver itself does
+    not call it: NodeStage of a volume it formatted skips probing altogether;
+    benchmarks/csi_primitives.py compares it with blkid).  None means "not
+    recognised here", never "empty"; decide whether a device may be formatted
+    with ``has_signature``/``probe_filesystem``.
     Ambiguous devices (more than one magic) give None as well.
     """
     try:

@@ -8,13 +8,16 @@ path and free of the window where a device is bound but not yet configured.
 
 Rules it keeps:
 - no autoclear: an attached device survives the driver's restart, and the
-  volume layer finds it again with ``find_by_backing_file`` (compared by the
-  backing file's device and inode, so a renamed file still matches);
+  image pool finds it again by its backing file's path from sysfs alone
+  (``devices_backed_by``, which opens no device); ``find_by_backing_file``
+  compares the backing file's device and inode instead, so a renamed file
+  still matches;
 - direct I/O is asked for and, when the backing filesystem refuses it, the
   device runs buffered and that is logged;
 - ``detach`` is never lazy: the kernel turns LOOP_CLR_FD on a device that is
   still open into "clear on last close", so a device that stays busy gets its
-  autoclear flag taken back and the caller gets FailedPrecondition.
+  autoclear flag taken back and the caller gets FailedPrecondition.  A device
+  that another attach takes over right after our unbind counts as detached.
 """
 
 from __future__ import annotations
@@ -410,7 +413,11 @@ def _wait_cleared(device: str, deadline: float) -> bool:
             if info is None:
                 return True
             if not info.lo_flags & LO_FLAGS_AUTOCLEAR:
-                return False  # re-attached by someone else meanwhile: not ours to touch
+                # Our binding is gone and another attach already reused the free device
+                # (concurrent volumes do): the detach succeeded; the new binding is not
+                # ours to touch.
+                log.debug("%s was detached and immediately reused", device)
+                return True
             if time.monotonic() >= deadline:
                 # Still open elsewhere: the kernel would clear it on last close, which is
                 # a lazy detach.  Undo that and report the device busy.
@@ -427,16 +434,45 @@ def _wait_cleared(device: str, deadline: float) -> bool:
         time.sleep(0.01)
 
 
-def _sys_loop_dir(number: int) -> Path:
-    return SYS_BLOCK / f"loop{number}" / "loop"
+def _sysfs_backing(name: str) -> str | None:
+    """/sys/block/<name>/loop/backing_file, None when unbound (or being torn down)."""
+    try:
+        with open(f"{SYS_BLOCK}/{name}/loop/backing_file", encoding="utf-8",
+                  errors="surrogateescape") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None  # unbound (ENOENT), or being torn down right now (ENODEV)
 
 
 def backing_file(device: str) -> str | None:
     """The backing file's path (sysfs; " (deleted)" suffix kept), None when free."""
+    return _sysfs_backing(f"loop{_number(device)}")
+
+
+def devices_backed_by(path: str, hint: str = "") -> list[str]:
+    """Loop devices whose backing file is ``path``, read from sysfs alone.
+
+    No device node is opened (unlike ``find_by_backing_file``, which opens every
+    bound device for its status), so concurrent lookups never look like holders
+    to a detach waiting for the last close.  The path string identifies the file:
+    for callers that own their paths (the image pool).  A deleted backing file
+    still matches.  ``hint`` (a device recorded earlier) is checked first, which
+    spares a scan of every loop device on hot paths.
+    """
+    path = os.path.realpath(path)  # sysfs shows the resolved path
+
+    def shows(name: str) -> bool:
+        backing = _sysfs_backing(name)
+        return backing is not None and backing.removesuffix(" (deleted)") == path
+
+    if hint.startswith("/dev/loop") and shows(hint[5:]):
+        return [hint]
     try:
-        return (_sys_loop_dir(_number(device)) / "backing_file").read_text().rstrip("\n")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        names = os.listdir(SYS_BLOCK)
+    except FileNotFoundError:
+        return []
+    found = [f"/dev/{n}" for n in names if n.startswith("loop") and n[4:].isdigit() and shows(n)]
+    return sorted(found, key=lambda d: int(d[9:]))
 
 
 def _status_of(device: str) -> LoopInfo64 | None:

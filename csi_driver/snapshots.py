@@ -124,7 +124,7 @@ class SnapshotService:
         pool = self.volumes.pool_of(src)
         source = pool.format_target(src)
         directory = os.path.dirname(snap.backing)
-        partial = os.path.join(directory, f".{snap.id}.img.partial")
+        partial = _partial_path(snap)
         for leftover in (snap.backing, partial):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
@@ -134,10 +134,7 @@ class SnapshotService:
         fsync_dir(directory)
 
     def _drop(self, snap: SnapshotRecord) -> None:
-        for path in (snap.backing,
-                     os.path.join(os.path.dirname(snap.backing), f".{snap.id}.img.partial")):
-            if path:
-                remove_durably(path)
+        _remove_images(snap)
         self.store.remove_snapshot(snap.id)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
@@ -153,10 +150,7 @@ class SnapshotService:
                 snap.state = DELETING
                 self.store.put_snapshot(snap)
             crash_point("delete_snapshot.after_mark")
-            for path in (snap.backing,
-                         os.path.join(os.path.dirname(snap.backing), f".{snap.id}.img.partial")):
-                if path:
-                    remove_durably(path)
+            _remove_images(snap)
             crash_point("delete_snapshot.after_remove_image")
             self.store.remove_snapshot(snapshot_id)
             log.info("deleted snapshot %s (%s)", snap.id, snap.name)
@@ -186,3 +180,15 @@ class SnapshotService:
         start = _parse_token(starting_token, len(snaps))
         end = len(snaps) if max_entries == 0 else min(len(snaps), start + max_entries)
         return snaps[start:end], (str(end) if end < len(snaps) else "")
+
+
+def _partial_path(snap: SnapshotRecord) -> str:
+    """Where ``_copy`` builds the image before renaming it to ``snap.backing``."""
+    return os.path.join(os.path.dirname(snap.backing), f".{snap.id}.img.partial")
+
+
+def _remove_images(snap: SnapshotRecord) -> None:
+    """Remove the snapshot's image and any partial copy; absent is fine."""
+    for path in (snap.backing, _partial_path(snap)):
+        if path:
+            remove_durably(path)

@@ -420,7 +420,7 @@ class VolumeService:
                 )
             size = source_size
         pool = place.pool
-        with getattr(pool, "alloc_lock", _NULL_LOCK):
+        with pool.alloc_lock:
             cap = self.capacity(pool, place.thin)
             if size > cap.maximum_volume_bytes:
                 raise ResourceExhausted(
@@ -686,7 +686,7 @@ class VolumeService:
             pool.grow(rec, rec.capacity_bytes)
             return rec.capacity_bytes
         extra = wanted - rec.capacity_bytes
-        with getattr(pool, "alloc_lock", _NULL_LOCK):
+        with pool.alloc_lock:
             cap = self.capacity(pool, rec.thin)
             if pool.shares_space and extra > cap.available_bytes:
                 raise ResourceExhausted(
@@ -894,8 +894,10 @@ class VolumeService:
 
     def _forget_stale_publications(self, rec: VolumeRecord) -> None:
         """Drop publications whose target is gone (e.g. after a reboot)."""
-        stale = [t for t in rec.publications if not mounts.is_mountpoint(t)] if \
-            rec.publications else []
+        if not rec.publications:
+            return
+        table = mounts.read_mounts()  # once, not once per target (publish is a hot path)
+        stale = [t for t in rec.publications if mounts.find_mount(t, table) is None]
         if stale:
             for target in stale:
                 del rec.publications[target]
@@ -1047,15 +1049,9 @@ class VolumeService:
     def node_stats(
         self, volume_id: str, volume_path: str, staging_path: str = ""
     ) -> tuple[VolumeUsage, Condition]:
-        if not volume_path:
-            raise InvalidArgument("volume_path is required")
         path = self.check_path(volume_path, "volume_path")
         rec = self._volume(volume_id)
-        known = set(rec.publications)
-        if rec.staging is not None:
-            known.add(rec.staging.path)
-        if path not in known:
-            raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+        _check_volume_path(rec, path)
         if not os.path.lexists(path):
             raise NotFound(f"{path} does not exist")
         condition = self.condition(rec)
@@ -1083,11 +1079,7 @@ class VolumeService:
             rec = self._volume(volume_id)
             if cap is not None:
                 self._check_cap_fits(rec, cap)
-            known = set(rec.publications)
-            if rec.staging is not None:
-                known.add(rec.staging.path)
-            if path not in known:
-                raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+            _check_volume_path(rec, path)
             if required or limit:
                 self._grow_backing(rec, required, limit)
             pool = self.pool_of(rec)
@@ -1167,20 +1159,15 @@ class _Owned:
         return [e for e in mounts.read_mounts() if self.matches(e)]
 
 
-class _NullLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-_NULL_LOCK = _NullLock()
-
-
 def _check_ready(pool: Pool) -> None:
     if not pool.ready:
         raise Unavailable(f"pool {pool.name} is not ready yet (the driver is starting); retry")
+
+
+def _check_volume_path(rec: VolumeRecord, path: str) -> None:
+    """NodeGetVolumeStats/NodeExpandVolume: ``path`` must be the volume's stage or a target."""
+    if path not in rec.publications and (rec.staging is None or rec.staging.path != path):
+        raise NotFound(f"volume {rec.id} is not staged or published at {path}")
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:

@@ -17,18 +17,19 @@ Capacity is reported honestly (``compute_capacity``):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from csi_driver import filesystems
 from csi_driver.config import PoolConfig
 from csi_driver.store import VolumeRecord
 
-MIB = 1 << 20
 GIB = 1 << 30
 
-# Smallest filesystem each mkfs accepts (xfsprogs 6.x refuses < 300 MiB,
-# mkfs.btrfs < 114294784 bytes per device); block volumes: one 4 KiB block.
-MIN_FS_BYTES = {"ext4": 1 * MIB, "xfs": 300 * MIB, "btrfs": 114294784, "": 4096}
+# Smallest volume per fs type: what each mkfs accepts (measured in filesystems.py);
+# block volumes ("" fs type): one 4 KiB block.
+MIN_FS_BYTES = {**filesystems.MIN_FILESYSTEM_SIZE, "": 4096}
 ALIGNMENT = 4096  # loop devices with direct I/O need sizes in whole 4 KiB blocks
 
 
@@ -100,6 +101,7 @@ class Pool(Protocol):
     kind: str  # "image" or "disk"
     supports_snapshots: bool
     shares_space: bool  # volumes share one filesystem's space (images), not whole disks
+    alloc_lock: threading.Lock  # held across "check capacity, then allocate or grow"
 
     def start(self) -> None:
         """Prepare the pool (directories, disk mounts); safe to call again."""
@@ -152,8 +154,8 @@ class Pool(Protocol):
     def refresh(self, rec: VolumeRecord) -> None:
         """Make the attached block device see the backing's current size."""
 
-    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
-        """Where the image of a snapshot (of ``source``) lives in this pool."""
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord) -> str:
+        """Where the image of a snapshot of ``source`` lives in this pool."""
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         """Backing found on the host that no record explains, and records without backing."""

@@ -359,17 +359,11 @@ class DiskPool:
         if self.mode == "backing":
             self._sub_of(rec).refresh(rec)
 
-    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord) -> str:
         """On the disk of ``source``, so the copy can be a reflink."""
         if self.mode != "backing":
             raise FailedPrecondition(f"pool {self.name} does not support snapshots")
-        if source is not None:
-            return self._sub_of(source).snapshot_path(snapshot_id)
-        with self._lock:
-            subs = list(self._backing.values())
-        if not subs:
-            raise ResourceExhausted(f"pool {self.name} has no disks")
-        return max(subs, key=lambda s: s.fs_stats()[1]).snapshot_path(snapshot_id)
+        return self._sub_of(source).snapshot_path(snapshot_id, source)
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         found: list[Orphan] = []

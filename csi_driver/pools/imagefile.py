@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import threading
 
@@ -29,48 +28,11 @@ from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
 from csi_driver.store import VolumeRecord, fsync_dir
 from plugin_runtime import commands
 from plugin_runtime.errors import (
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-
-log = logging.getLogger(__name__)
-
-
-SYS_BLOCK = "/sys/block"
-
-
-def _backing_of(name: str) -> str | None:
-    """The sysfs backing file of /dev/<name> (without " (deleted)"), None when unbound."""
-    try:
-        with open(f"{SYS_BLOCK}/{name}/loop/backing_file", encoding="utf-8",
-                  errors="surrogateescape") as f:
-            return f.read().rstrip("\n").removesuffix(" (deleted)")
-    except OSError:
-        return None  # unbound (ENOENT), or being torn down right now (ENODEV)
-
-
-def loops_backed_by(path: str, hint: str = "") -> list[str]:
-    """Loop devices whose backing file is ``path``, read from sysfs alone.
-
-    No device node is opened, so concurrent operations never look like holders to
-    a detach that waits for the last close (``loop.find_by_backing_file`` opens
-    every bound device for its status).  The pool owns its image paths, so the
-    path string identifies the image.  ``hint`` (the device recorded at stage) is
-    checked first, which spares a scan of every loop device on hot paths.
-    """
-    path = os.path.realpath(path)  # sysfs shows the resolved path
-    if hint.startswith("/dev/loop") and _backing_of(hint[5:]) == path:
-        return [hint]
-    try:
-        names = os.listdir(SYS_BLOCK)
-    except FileNotFoundError:
-        return []
-    found = [f"/dev/{n}" for n in names
-             if n.startswith("loop") and n[4:].isdigit() and _backing_of(n) == path]
-    return sorted(found, key=lambda d: int(d[9:]))
 
 
 def _hint(rec: VolumeRecord) -> str:
@@ -78,20 +40,9 @@ def _hint(rec: VolumeRecord) -> str:
 
 
 def detach_image(path: str) -> None:
-    """Detach every loop device backed by ``path``.
-
-    ``loop.detach`` can report a device as still held when, between its
-    LOOP_CLR_FD and its check, the freed device was already taken by another
-    volume's attach (16 workers attach and detach concurrently).  What matters
-    here is whether the device still shows *this* image, so that is re-checked.
-    """
-    for device in loops_backed_by(path):
-        try:
-            loop.detach(device)
-        except FailedPrecondition:
-            if device in loops_backed_by(path):
-                raise
-            log.debug("%s was detached and immediately reused by another volume", device)
+    """Detach every loop device backed by ``path``."""
+    for device in loop.devices_backed_by(path):
+        loop.detach(device)
 
 
 def _fill(fd: int, size: int, thin: bool, what: str) -> None:
@@ -140,7 +91,7 @@ class ImagePool:
     def image_path(self, volume_id: str) -> str:
         return os.path.join(self.volume_dir, f"{volume_id}.img")
 
-    def snapshot_path(self, snapshot_id: str, source: VolumeRecord | None = None) -> str:
+    def snapshot_path(self, snapshot_id: str, source: VolumeRecord) -> str:
         return os.path.join(self.snapshot_dir, f"{snapshot_id}.img")
 
     def fs_stats(self) -> tuple[int, int]:
@@ -213,7 +164,7 @@ class ImagePool:
 
     def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         path = self.image_path(rec.id)
-        existing = [] if checked else loops_backed_by(path, _hint(rec))
+        existing = [] if checked else loop.devices_backed_by(path, _hint(rec))
         if existing:
             return existing[0]
         if not os.path.isfile(path):
@@ -225,14 +176,14 @@ class ImagePool:
         return loop.attach(path, direct_io=self.config.direct_io, block_size=ALIGNMENT)
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
-        found = loops_backed_by(self.image_path(rec.id), _hint(rec))
+        found = loop.devices_backed_by(self.image_path(rec.id), _hint(rec))
         return found[0] if found else None
 
     def detach(self, rec: VolumeRecord) -> None:
         detach_image(self.image_path(rec.id))
 
     def refresh(self, rec: VolumeRecord) -> None:
-        for device in loops_backed_by(self.image_path(rec.id)):
+        for device in loop.devices_backed_by(self.image_path(rec.id)):
             loop.refresh_capacity(device)
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:

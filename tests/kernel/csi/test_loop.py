@@ -138,6 +138,27 @@ def test_detach_of_a_device_held_open_is_refused_not_lazy(scratch: Scratch, monk
     assert loop.backing_file(device) == image
 
 
+def test_a_device_reused_right_after_the_unbind_counts_as_detached(
+    scratch: Scratch, monkeypatch
+):
+    # Volumes attach and detach concurrently: another attach may take the device our
+    # unbind just freed before detach checks it.  Our binding is gone, so detach is done.
+    ours = scratch.image("ours.img", 4 * MiB)
+    theirs = scratch.image("theirs.img", 4 * MiB)
+    device = scratch.attach(ours)
+    real_wait_cleared = loop._wait_cleared
+
+    def reuse_then_wait(dev: str, deadline: float) -> bool:
+        commands.run(["losetup", dev, theirs], timeout=30)
+        return real_wait_cleared(dev, deadline)
+
+    monkeypatch.setattr(loop, "_wait_cleared", reuse_then_wait)
+    loop.detach(device)
+    assert loop.backing_file(device) == theirs
+    (info,) = [i for i in loop.list_attached() if i.device == device]
+    assert not info.autoclear
+
+
 def test_concurrent_attaches_get_distinct_devices(scratch: Scratch):
     from concurrent.futures import ThreadPoolExecutor
 
