@@ -14,8 +14,12 @@ disks they stand in for disks in tests.
 ``DiskWatcher`` keeps a pool's disk list current: it opens a udev monitor
 before enumerating (no event can fall between the two), re-enumerates on every
 block event (level-triggered: loop attach/detach arrive only as "change") and
-on a slow periodic resync, and reports differences to a callback.  pyudev
-objects never leave the watcher's thread.
+reports the differences to a callback.  A slow periodic resync (on its own
+clock, so a steady stream of unrelated events cannot postpone it) and an
+explicit ``rescan`` re-offer every present disk, changed or not: a consumer
+that refused a disk for a reason that has since gone away (mounted or being
+probed at the time) gets to look at it again although no uevent will ever
+come for it.  pyudev objects never leave the watcher's thread.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,8 +372,10 @@ class DiskWatcher:
     ``on_change(added, removed)``: ``added`` lists disks that are new or whose
     description changed (size, backing file), ``removed`` the ``disk_id`` of
     disks that are gone.  The first call, made before ``start`` returns, lists
-    every matching disk.  The callback runs on the watcher thread; exceptions
-    from it are logged and do not stop the watcher.
+    every matching disk, and so does every resync (each ``resync_seconds``)
+    and ``rescan``: the consumer must treat a disk it already holds, unchanged,
+    as a no-op, and may re-evaluate one it refused.  The callback runs on the
+    watcher thread; exceptions from it are logged and do not stop the watcher.
     """
 
     def __init__(
@@ -388,6 +395,10 @@ class DiskWatcher:
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
         self._known: dict[str, Disk] = {}
+        # Rescan requests and the full passes that answered them, by sequence number.
+        self._passes = threading.Condition(self._lock)
+        self._requested = 0
+        self._done = 0
         self._thread = threading.Thread(target=self._run, name="disk-watcher", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -400,19 +411,38 @@ class DiskWatcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        with self._passes:
+            self._passes.notify_all()  # a rescan waiting for this thread gives up
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def rescan(self, timeout: float | None = None) -> bool:
+        """Re-offer every present disk to the callback soon, on the watcher thread.
+
+        With ``timeout``, wait (bounded) until that pass has run; False when it
+        had not within ``timeout`` seconds.  Without, return at once (True).
+        """
+        with self._passes:
+            self._requested += 1
+            wanted = self._requested
+            if timeout is None:
+                return True
+            return self._passes.wait_for(
+                lambda: self._done >= wanted or self._stop.is_set(), timeout
+            ) and self._done >= wanted
 
     def snapshot(self) -> list[Disk]:
         with self._lock:
             return sorted(self._known.values(), key=lambda d: d.kernel_name)
 
-    def _publish(self, disks: list[Disk]) -> None:
+    def _publish(self, disks: list[Disk], *, full: bool = False) -> None:
+        """Report what changed since the last pass; with ``full``, every present disk."""
         current = {d.disk_id: d for d in disks}
         with self._lock:
-            added = [d for key, d in current.items() if self._known.get(key) != d]
+            changed = [d for key, d in current.items() if self._known.get(key) != d]
             removed = [key for key in self._known if key not in current]
             self._known = current
+        added = list(current.values()) if full else changed
         if added or removed or not self._ready.is_set():
             try:
                 self.on_change(added, removed)
@@ -434,23 +464,31 @@ class DiskWatcher:
             return
         self._ready.set()
         poll_seconds = min(0.5, self.resync_seconds)
-        waited = 0.0
+        next_resync = time.monotonic() + self.resync_seconds
         while not self._stop.is_set():
             try:
                 device = monitor.poll(timeout=poll_seconds)
             except OSError as exc:
                 log.warning("disk watcher: udev monitor failed (%s); resyncing", exc)
                 device = None
-            if device is None:
-                waited += poll_seconds
-                if waited < self.resync_seconds:
-                    continue
-            waited = 0.0
+                next_resync = 0.0
+                self._stop.wait(poll_seconds)  # a monitor that keeps failing must not spin
+            with self._lock:
+                upto = self._requested
+            full = upto > self._done or time.monotonic() >= next_resync
+            if device is None and not full:
+                continue
+            if full:
+                next_resync = time.monotonic() + self.resync_seconds
             # Coalesce a burst of events into one re-enumeration.
             with contextlib.suppress(OSError):
                 while monitor.poll(timeout=0) is not None:
                     pass
             try:
-                self._publish(_list_disks(context, self.selector))
+                self._publish(_list_disks(context, self.selector), full=full)
             except Exception:
                 log.exception("disk watcher: enumeration failed")
+            if full:
+                with self._passes:
+                    self._done = max(self._done, upto)
+                    self._passes.notify_all()

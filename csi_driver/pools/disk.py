@@ -18,7 +18,11 @@ partitions, signature, holders, mounts; not the disk under / or the state
 dir).  Disks already in use by this pool (a volume's disk, a backing disk
 with our label) are recognised and kept.  A ``DiskWatcher`` adds disks that
 appear later; a disk that vanishes makes its volumes' condition abnormal
-(``backing_exists`` is false), and nothing is deleted.
+(``backing_exists`` is false), and nothing is deleted.  A refused disk is not
+refused for good: the watcher's periodic resync (and ``rescan``) offers it
+again, so a disk that was mounted, held or could not be probed when it was
+first seen joins once that is over, without a uevent of its own.  A refusal
+is logged when it starts or its reason changes, not on every resync.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ def _fs_label(device: str) -> str | None:
 class DiskPool:
     kind = "disk"
 
-    def __init__(self, config: PoolConfig, state_dir: str) -> None:
+    def __init__(
+        self, config: PoolConfig, state_dir: str, *, resync_seconds: float = 60.0
+    ) -> None:
         self.name = config.name
         self.config = config
         self.state_dir = state_dir
@@ -80,6 +86,7 @@ class DiskPool:
         self.shares_space = self.mode == "backing"
         self.selector = _selector(config)
         self.mount_root = os.path.join(state_dir, "disks")
+        self.resync_seconds = resync_seconds
         self.alloc_lock = threading.Lock()
         self._lock = threading.RLock()
         self._disks: dict[str, disks.Disk] = {}  # present and (free or ours)
@@ -98,10 +105,19 @@ class DiskPool:
     def start(self) -> None:
         if self._watcher is not None:
             return
-        watcher = disks.DiskWatcher(self.selector, self._on_change)
+        watcher = disks.DiskWatcher(self.selector, self._on_change,
+                                    resync_seconds=self.resync_seconds)
         watcher.start()
         self._watcher = watcher
         self._ready = True
+
+    def rescan(self, timeout: float | None = None) -> bool:
+        """Offer every present disk again now (refused ones are re-evaluated).
+
+        With ``timeout``, wait (bounded) for the pass; False if it did not run in time.
+        """
+        watcher = self._watcher
+        return watcher.rescan(timeout) if watcher is not None else False
 
     def inspect(self) -> None:
         """One discovery pass without side effects (for ``csi-driver pools``)."""
@@ -131,12 +147,12 @@ class DiskPool:
 
     def _on_change(self, added: list[disks.Disk], removed: list[str]) -> None:
         for disk in added:
+            if self._holds(disk):
+                continue  # a resync offering a disk that is already ours, unchanged
             try:
                 self._join(disk)
             except Exception as exc:
-                log.error("pool %s: cannot use disk %s: %s", self.name, disk.devnode, exc)
-                with self._lock:
-                    self._refused[disk.disk_id] = str(exc)
+                self._refuse(disk, str(exc), failed=True)
         for disk_id in removed:
             with self._lock:
                 gone = self._disks.pop(disk_id, None)
@@ -145,20 +161,42 @@ class DiskPool:
                 log.warning("pool %s: disk %s (%s) vanished; its volumes are abnormal",
                             self.name, gone.devnode, disk_id)
 
+    def _holds(self, disk: disks.Disk) -> bool:
+        """``disk`` is in the pool already, with this very description."""
+        with self._lock:
+            if self._disks.get(disk.disk_id) != disk:
+                return False
+            return self.mode == "volume" or disk.disk_id in self._backing
+
+    def _refuse(self, disk: disks.Disk, reason: str, *, failed: bool = False) -> None:
+        """Record why ``disk`` is not used; log only a new refusal or a new reason."""
+        with self._lock:
+            previous = self._refused.get(disk.disk_id)
+            self._refused[disk.disk_id] = reason
+            # A disk claimed (or mounted as backing) since the check began stays.
+            if disk.disk_id not in self._claimed and disk.disk_id not in self._backing:
+                self._disks.pop(disk.disk_id, None)
+        if previous == reason:
+            return
+        if failed:
+            log.error("pool %s: cannot use disk %s: %s", self.name, disk.devnode, reason)
+        else:
+            log.warning("pool %s: disk %s (%s) refused: %s", self.name, disk.devnode,
+                        disk.disk_id, reason)
+
     def _join(self, disk: disks.Disk) -> None:
         with self._lock:
             claimed = disk.disk_id in self._claimed
         if self.mode == "volume":
             reason = None if claimed else self._reason(disk)
+            if reason is not None:
+                self._refuse(disk, reason)
+                return
             with self._lock:
-                if reason is None:
-                    self._disks[disk.disk_id] = disk
-                    self._refused.pop(disk.disk_id, None)
-                    log.info("pool %s: disk %s (%s, %d bytes) joined", self.name, disk.devnode,
-                             disk.disk_id, disk.size_bytes)
-                else:
-                    self._refused[disk.disk_id] = reason
-                    self._disks.pop(disk.disk_id, None)
+                self._disks[disk.disk_id] = disk
+                self._refused.pop(disk.disk_id, None)
+            log.info("pool %s: disk %s (%s, %d bytes) joined", self.name, disk.devnode,
+                     disk.disk_id, disk.size_bytes)
             return
         if self._adopt_backing_mount(disk):
             return
@@ -169,8 +207,7 @@ class DiskPool:
         else:
             reason = self._reason(disk)
             if reason is not None:
-                with self._lock:
-                    self._refused[disk.disk_id] = reason
+                self._refuse(disk, reason)
                 return
             filesystems.make_filesystem(disk.devnode, self.config.backing_fs_type,
                                         label=_label(self.name))

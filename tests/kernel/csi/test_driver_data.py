@@ -575,12 +575,16 @@ def test_disks_that_appear_later_join_and_vanished_disks_turn_volumes_abnormal(l
             return int(csi.controller.GetCapacity(csi_pb2.GetCapacityRequest(
                 parameters={"pool": "disks"}), timeout=30).available_capacity)
 
-        assert available() == 1500 * MiB
+        # Probe said ready only after the pool handled its first enumeration, so all
+        # three disks are in already; if one is not, the driver log says why (the
+        # pool logs every refusal with its reason).
+        first = available()
+        assert first == 1500 * MiB, f"{first / MiB:g} MiB available:\n{driver.log_tail()}"
         late = base / "disk3.img"
         with open(late, "wb") as f:
             f.truncate(300 * MiB)
         devices.append(loop.attach(str(late), direct_io=False))  # the fixture detaches it
-        assert _wait_for(lambda: available() == 1800 * MiB), available()
+        assert _wait_for(lambda: available() == 1800 * MiB), driver.log_tail()
 
         vol = csi.create(f"pvc-{uuid.uuid4()}", size=300 * MiB, kind="block",
                          params={"pool": "disks"})
