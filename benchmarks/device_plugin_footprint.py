@@ -12,13 +12,21 @@ kernel-source monitor too, so the uevents seen machine-wide in the window are
 counted and the busiest threads are listed (CPU from schedstat, wakeups from
 voluntary context switches).
 
+It also measures the floor under the RSS goal: a bare process of the same
+interpreter that imports only the runtime dependencies the issue prescribes
+(grpcio, protobuf, pyudev, psutil, prometheus-client, PyYAML, grpc health) and
+serves three idle gRPC servers with the health service, no hostkit code at all.
+Whatever the daemon does, its RSS cannot go below that figure.
+
 Run: ``python -m benchmarks.device_plugin_footprint [seconds]``.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -43,6 +51,48 @@ def _threads(pid: int) -> dict[str, tuple[str, int, int]]:
             continue
         out[tid] = (comm, run_ns, switches)
     return out
+
+
+def _floor_child() -> None:
+    """The bare process: prescribed imports, three idle servers, print RSS in kB."""
+    import asyncio
+    import threading
+    from concurrent import futures
+
+    import grpc
+    import prometheus_client  # noqa: F401
+    import yaml  # noqa: F401
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    directory = tempfile.mkdtemp(prefix="dpf", dir="/tmp")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def serve() -> list[grpc.aio.Server]:
+        servers = []
+        for index in range(3):
+            server = grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(4))
+            servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            server.add_insecure_port(f"unix://{directory}/{index}.sock")
+            await server.start()
+            servers.append(server)
+        return servers
+
+    servers = asyncio.run_coroutine_threadsafe(serve(), loop).result(30)
+    time.sleep(2.0)
+    print(psutil.Process().memory_info().rss // 1000, len(servers))
+    for name in os.listdir(directory):
+        os.unlink(os.path.join(directory, name))
+    os.rmdir(directory)
+
+
+def floor_rss_mb() -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.device_plugin_footprint", "--floor-child"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()
+    return int(out[0]) / 1000
 
 
 def main(seconds: float = 10.0) -> None:
@@ -79,6 +129,7 @@ def main(seconds: float = 10.0) -> None:
           f"idle for {elapsed:.1f} s")
     print(table([
         ("RSS", f"{memory.rss / 1e6:.1f} MB", "<= 40 MB"),
+        ("RSS floor: prescribed imports + 3 idle servers", f"{floor_rss_mb():.1f} MB", "-"),
         ("USS (private)", f"{memory.uss / 1e6:.1f} MB", "-"),
         ("idle CPU", f"{cpu:.3f} %", "< 0.1 %"),
         ("idle CPU, threads' run time", f"{run_total / 1e9 / elapsed * 100:.3f} %", "< 0.1 %"),
@@ -94,4 +145,7 @@ def main(seconds: float = 10.0) -> None:
     print(f"all threads but the busiest: {rest:.3f} % CPU")
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)
+    if sys.argv[1:] == ["--floor-child"]:
+        _floor_child()
+    else:
+        main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)

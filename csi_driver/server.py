@@ -59,7 +59,7 @@ class Driver:
     def ready(self) -> bool:
         return self._prepared.is_set() and self.volumes.ready
 
-    def _register(self, server: grpc.Server) -> None:
+    def _register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_IdentityServicer_to_server(  # type: ignore[no-untyped-call]
             IdentityServicer(self.ready), server
         )

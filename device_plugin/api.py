@@ -66,7 +66,9 @@ DevicePluginServicer = _grpc.DevicePluginServicer
 RegistrationServicer = _grpc.RegistrationServicer
 
 
-def add_DevicePluginServicer_to_server(servicer: Any, server: grpc.Server) -> None:
+def add_DevicePluginServicer_to_server(
+    servicer: Any, server: grpc.Server | grpc.aio.Server
+) -> None:
     _grpc.add_DevicePluginServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
 
 

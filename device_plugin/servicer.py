@@ -4,7 +4,7 @@
 the encoded ``ListAndWatchResponse`` of the latest generation, built once and
 shared by every stream (the kubelet opens one; a re-registration briefly opens
 a second).  Streams wait on the feed's condition, which the servicer owns, so a
-cancelled stream's ``context.add_callback`` wakes its worker thread at once,
+cancelled stream's ``StreamCall`` callback wakes its worker thread at once,
 whatever the domain's ``wait_for_change`` does with its ``stop`` event.
 
 A snapshot whose serialized size would pass the kubelet's 4 MiB receive limit
@@ -30,7 +30,7 @@ import grpc
 
 from device_plugin import api, model
 from plugin_runtime import errors
-from plugin_runtime.rpc import RpcBoundary
+from plugin_runtime.rpc import RpcBoundary, StreamCall
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class DevicePluginServicer(api.DevicePluginServicer):  # type: ignore[misc]
 
     # --- RPCs ---------------------------------------------------------------------------
 
-    @_BOUNDARY.unary
+    @_BOUNDARY.inline
     def GetDevicePluginOptions(
         self, request: api.Empty, context: grpc.ServicerContext
     ) -> api.DevicePluginOptions:
@@ -250,7 +250,7 @@ class DevicePluginServicer(api.DevicePluginServicer):  # type: ignore[misc]
 
     @_BOUNDARY.stream
     def ListAndWatch(
-        self, request: api.Empty, context: grpc.ServicerContext
+        self, request: api.Empty, call: StreamCall
     ) -> Iterator[api.ListAndWatchResponse]:
         stop = threading.Event()
 
@@ -258,7 +258,7 @@ class DevicePluginServicer(api.DevicePluginServicer):  # type: ignore[misc]
             stop.set()
             self._feed.wake()
 
-        context.add_callback(cancelled)
+        call.add_callback(cancelled)
         with self._lock:
             self._streams.add(stop)
         if self._closing.is_set():
@@ -285,7 +285,7 @@ class DevicePluginServicer(api.DevicePluginServicer):  # type: ignore[misc]
             if not self._closing.is_set() and self._on_stream_end is not None:
                 self._on_stream_end(StreamEnd(refused))
 
-    @_BOUNDARY.unary
+    @_BOUNDARY.inline
     def GetPreferredAllocation(
         self, request: api.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api.PreferredAllocationResponse:
@@ -310,7 +310,7 @@ class DevicePluginServicer(api.DevicePluginServicer):  # type: ignore[misc]
             response.container_responses.add(deviceIDs=ids)
         return response
 
-    @_BOUNDARY.unary
+    @_BOUNDARY.inline
     def Allocate(
         self, request: api.AllocateRequest, context: grpc.ServicerContext
     ) -> api.AllocateResponse:

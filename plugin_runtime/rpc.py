@@ -7,6 +7,21 @@ anything else becomes INTERNAL with a message that names the method (never
 UNKNOWN, never a Python traceback on the wire).  Servicers never call
 ``context.abort`` themselves.
 
+Unary handlers stay blocking functions; the aio server runs them on its thread
+pool.  ``inline`` is for the few that only compute from memory (no file, device
+or subprocess I/O; locks held for microseconds), such as the device plugin's
+Allocate: they run on the serving loop itself, which saves the two thread
+handoffs of the pool (about 0.15 ms of a 0.5 ms round trip here).
+
+A streaming handler is written as a blocking generator too, but it gets
+a ``StreamCall`` instead of the gRPC context, and ``stream`` turns it into the
+async generator the server runs: each item is produced on a stream worker
+thread, and when the client goes away the task's cancellation fires the
+``StreamCall`` callbacks at once (the generator wakes and ends) and the generator
+is closed on its worker thread.  A plain sync generator under ``grpc.aio`` would
+learn of the cancellation only after its next item, which for a ListAndWatch
+with no device change means never.
+
 Redaction walks the request and blanks every field whose descriptor carries a
 ``csi_secret`` (or any ``*_secret``) option, so the CSI driver's secrets never
 reach a log line without this module importing the CSI stubs.
@@ -14,10 +29,13 @@ reach a log line without this module importing the CSI stubs.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
+from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
@@ -174,26 +192,132 @@ class RpcBoundary:
 
         return wrapper  # type: ignore[return-value]
 
-    def stream(self, fn: F) -> F:
+    def inline(self, fn: F) -> F:
+        """Like ``unary``, but run on the serving loop: only for handlers that never block."""
         method = fn.__name__
 
         @functools.wraps(fn)
-        def wrapper(
-            servicer: Any, request: Message, context: grpc.ServicerContext
-        ) -> Iterator[Any]:
+        async def wrapper(
+            servicer: Any, request: Message, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
             started = time.monotonic()
-            log.debug("%s/%s stream opened", self.service, method)
             try:
-                yield from fn(servicer, request, context)
-            except GeneratorExit:
-                self._finish(method, request, started, grpc.StatusCode.CANCELLED, "")
-                raise
+                response = fn(servicer, request, context)
             except Exception as exc:
                 code, message = self._translate(method, exc)
                 self._finish(method, request, started, code, message)
-                context.abort(code, message)
-            else:
-                code = grpc.StatusCode.CANCELLED if not context.is_active() else grpc.StatusCode.OK
-                self._finish(method, request, started, code, "")
+                await context.abort(code, message)
+            self._finish(method, request, started, grpc.StatusCode.OK, "")
+            return response
 
         return wrapper  # type: ignore[return-value]
+
+    def stream(self, fn: F) -> F:
+        """Wrap ``fn(servicer, request, call: StreamCall)``, a blocking generator."""
+        method = fn.__name__
+
+        @functools.wraps(fn)
+        async def wrapper(
+            servicer: Any, request: Message, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started = time.monotonic()
+            log.debug("%s/%s stream opened", self.service, method)
+            call = StreamCall()
+            body: Generator[Any, None, None] = fn(servicer, request, call)
+            pending: futures.Future[Any] | None = None
+            outcome: grpc.StatusCode | None = None
+            try:
+                while True:
+                    pending = _stream_workers().submit(next, body, _END)
+                    item = await asyncio.wrap_future(pending)
+                    pending = None
+                    if item is _END:
+                        break
+                    yield item
+                outcome = grpc.StatusCode.OK
+                self._finish(method, request, started, outcome, "")
+            except Exception as exc:
+                outcome, message = self._translate(method, exc)
+                self._finish(method, request, started, outcome, message)
+                await context.abort(outcome, message)
+            finally:
+                # Cancelled, or the server closed the stream: wake the body so its
+                # worker is free at once, then close it (a no-op once it is done).
+                call.end()
+                _close_when_idle(body, pending)
+                if outcome is None:
+                    self._finish(method, request, started, grpc.StatusCode.CANCELLED, "")
+
+        return wrapper  # type: ignore[return-value]
+
+
+class StreamCall:
+    """What a streaming handler's body gets in place of the gRPC context.
+
+    ``add_callback`` registers a function called once, from the serving loop,
+    when the client cancels or goes away (immediately if it already has): it
+    must only wake the body (set an event, notify a condition), never block.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._ended = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def end(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("stream cancellation callback failed")
+
+
+_END = object()
+_workers_lock = threading.Lock()
+_workers: futures.ThreadPoolExecutor | None = None
+# Each open stream holds one worker while it waits for its next item: the device
+# plugin has one stream per resource (two during a re-registration).
+MAX_STREAMS = 64
+
+
+def _stream_workers() -> futures.ThreadPoolExecutor:
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            _workers = futures.ThreadPoolExecutor(
+                max_workers=MAX_STREAMS, thread_name_prefix="grpc-stream"
+            )
+        return _workers
+
+
+def _close_when_idle(body: Generator[Any, None, None], pending: futures.Future[Any] | None) -> None:
+    """Close a cancelled stream's generator on a worker once it is not running."""
+
+    def close(_: object = None) -> None:
+        try:
+            body.close()
+        except Exception:
+            log.exception("closing a cancelled stream failed")
+
+    if pending is None:
+        _stream_workers().submit(close)
+    else:
+        # Runs on the worker when its next() returns (woken by the callbacks), or
+        # right here if it already has; either way not while the generator runs.
+        pending.add_done_callback(lambda _: _stream_workers().submit(close))

@@ -7,11 +7,24 @@ standard gRPC health service next to the daemon's own services, and on stop
 removes the file only if it is still the one it created (same inode), so a
 newer instance's socket is never deleted by an older one.
 
+Server model: every server's transport is a ``grpc.aio`` server on one
+process-wide event loop (``ServingLoop``, a thread of its own), while the
+handlers stay ordinary blocking functions run on the server's thread pool (aio's
+``migration_thread_pool``).  The reason is idle cost: a sync ``grpc.server``
+polls its completion queue every 200 ms, so a device plugin with one socket per
+resource woke 5 times a second per resource doing nothing; the aio loop waits in
+epoll until there is work, whatever the number of sockets.  No handler ever runs
+on the loop, so a slow mount or udev call cannot stall another RPC.  Streaming
+handlers are the one exception to "sync under aio": aio gives a blocked sync
+generator no cancellation callback, so ``rpc.RpcBoundary.stream`` drives them
+from a small async generator instead (see there).
+
 ``ShutdownSignals`` turns SIGTERM/SIGINT into an Event the CLIs wait on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -19,9 +32,10 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent import futures
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,13 +75,44 @@ def remove_stale_socket(path: str) -> None:
     log.info("removed stale socket %s", path)
 
 
+T = TypeVar("T")
+
+
+class ServingLoop:
+    """The one asyncio loop, on a daemon thread, that every server's transport uses."""
+
+    _lock = threading.Lock()
+    _shared: ServingLoop | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="grpc-loop", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def shared(cls) -> ServingLoop:
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the loop and wait for it; never call from the loop itself."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("ServingLoop.run called from the serving loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
 class UnixSocketServer:
-    """A started-on-demand grpc.server bound to one unix socket."""
+    """A started-on-demand gRPC server bound to one unix socket."""
 
     def __init__(
         self,
         socket_path: str,
-        register: Callable[[grpc.Server], None],
+        register: Callable[[grpc.aio.Server], None],
         *,
         max_workers: int = 8,
         health_services: Iterable[str] = (),
@@ -78,9 +123,12 @@ class UnixSocketServer:
         self._max_workers = max_workers
         self._health_services = tuple(health_services)
         self._options = tuple(options)
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
         self._inode: int | None = None
-        self.health = health.HealthServicer()
+        self._loop = ServingLoop.shared()
+        # The public alias of grpc_health's asyncio servicer; its stubs do not declare it.
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     @property
     def started(self) -> bool:
@@ -90,14 +138,6 @@ class UnixSocketServer:
         directory = os.path.dirname(self.socket_path)
         os.makedirs(directory, exist_ok=True)
         remove_stale_socket(self.socket_path)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=self._max_workers, thread_name_prefix="grpc-worker"
-            ),
-            options=list(self._options),
-        )
-        self._register(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         # Bind under a private name, then rename into place: gRPC unlinks the path it
         # bound when it shuts down, and this way that path is never the public one, so
         # an old server stopping late cannot delete a newer instance's socket.  The
@@ -105,10 +145,15 @@ class UnixSocketServer:
         tag = hashlib.sha1(self.socket_path.encode()).hexdigest()[:10]  # noqa: S324 - a name, not a MAC
         private = os.path.join(directory, f".{tag}.{os.getpid()}")
         remove_stale_socket(private)
+        pool = futures.ThreadPoolExecutor(
+            max_workers=self._max_workers, thread_name_prefix="grpc-worker"
+        )
         old_umask = os.umask(0o177)
         try:
-            server.add_insecure_port(f"unix://{private}")
-            server.start()
+            server = self._loop.run(self._serve(pool, private), timeout=30.0)
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
         finally:
             os.umask(old_umask)
         renamed = False
@@ -120,14 +165,24 @@ class UnixSocketServer:
         except OSError:
             # Someone removed the socket under us (a restarting kubelet wipes every
             # socket in its directory): leave nothing running or on disk.
-            server.stop(0).wait(5.0)
+            self._loop.run(server.stop(0), timeout=5.0)
+            pool.shutdown(wait=False)
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path if renamed else private)
             raise
-        self._server = server
-        for name in ("", *self._health_services):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self._pool = server, pool
         log.info("serving on unix://%s", self.socket_path)
+
+    async def _serve(self, pool: futures.ThreadPoolExecutor, private: str) -> grpc.aio.Server:
+        # Built on the loop: an aio server belongs to the loop it was created on.
+        server = grpc.aio.server(migration_thread_pool=pool, options=list(self._options))
+        self._register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_insecure_port(f"unix://{private}")
+        await server.start()
+        for name in ("", *self._health_services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return server
 
     def socket_is_ours(self) -> bool:
         """True while the socket file on disk is the one this server bound."""
@@ -142,12 +197,19 @@ class UnixSocketServer:
         server, self._server = self._server, None
         if server is None:
             return
-        self.health.enter_graceful_shutdown()
-        server.stop(grace).wait(grace + 1.0)
+        pool, self._pool = self._pool, None
+        self._loop.run(self._shutdown(server, grace), timeout=grace + 5.0)
+        if pool is not None:
+            pool.shutdown(wait=False)
         if self.socket_is_ours():
             os.unlink(self.socket_path)
         self._inode = None
         log.info("stopped serving on unix://%s", self.socket_path)
+
+
+    async def _shutdown(self, server: grpc.aio.Server, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await server.stop(grace)
 
 
 class ShutdownSignals:
