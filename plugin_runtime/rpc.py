@@ -309,15 +309,21 @@ def _stream_workers() -> futures.ThreadPoolExecutor:
 def _close_when_idle(body: Generator[Any, None, None], pending: futures.Future[Any] | None) -> None:
     """Close a cancelled stream's generator on a worker once it is not running."""
 
-    def close(_: object = None) -> None:
+    def close() -> None:
         try:
             body.close()
         except Exception:
             log.exception("closing a cancelled stream failed")
 
+    def close_on_a_worker(_: object = None) -> None:
+        try:
+            _stream_workers().submit(close)
+        except RuntimeError:  # the interpreter is exiting: no new worker threads
+            close()
+
     if pending is None:
-        _stream_workers().submit(close)
+        close_on_a_worker()
     else:
-        # Runs on the worker when its next() returns (woken by the callbacks), or
-        # right here if it already has; either way not while the generator runs.
-        pending.add_done_callback(lambda _: _stream_workers().submit(close))
+        # Runs when the worker's next() returns (woken by the callbacks), or right
+        # here if it already has; either way not while the generator runs.
+        pending.add_done_callback(close_on_a_worker)
