@@ -25,6 +25,7 @@ from a small async generator instead (see there).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import logging
@@ -90,6 +91,26 @@ class ServingLoop:
             target=self.loop.run_forever, name="grpc-loop", daemon=True
         )
         self._thread.start()
+        # grpc.aio counts its users and tears its engine down (the completion-queue
+        # poller and the socket the loop watches for it) when the last server is
+        # freed, on whatever thread frees it: racing the loop, that logged
+        # "Bad file descriptor" from the poller's callback at some daemon exits, and
+        # every re-registration of a lone resource rebuilt the engine.  The loop
+        # holds one reference for its whole life and drops it on its own thread at
+        # interpreter exit.
+        self.run(self._hold_grpc_aio(), timeout=30.0)
+        atexit.register(self._release_grpc_aio)
+
+    @staticmethod
+    async def _hold_grpc_aio() -> None:
+        grpc.aio.init_grpc_aio()  # type: ignore[attr-defined]  # in grpc.aio.__all__, not in its stubs
+
+    def _release_grpc_aio(self) -> None:
+        async def release() -> None:
+            grpc.aio.shutdown_grpc_aio()  # type: ignore[attr-defined]
+
+        with contextlib.suppress(Exception):
+            self.run(release(), timeout=5.0)
 
     @classmethod
     def shared(cls) -> ServingLoop:
