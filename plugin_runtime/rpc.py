@@ -291,9 +291,11 @@ class StreamCall:
 _END = object()
 _workers_lock = threading.Lock()
 _workers: futures.ThreadPoolExecutor | None = None
-# Each open stream holds one worker while it waits for its next item: the device
-# plugin has one stream per resource (two during a re-registration).
-MAX_STREAMS = 64
+# Each open stream holds one worker while it waits for its next item (the device
+# plugin: one per resource, two during a re-registration).  A stream beyond the
+# cap would wait for a free worker before its first item, so the cap only guards
+# against runaway thread creation; the pool starts a thread only when none is idle.
+MAX_STREAMS = 4096
 
 
 def _stream_workers() -> futures.ThreadPoolExecutor:

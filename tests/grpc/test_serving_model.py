@@ -210,6 +210,21 @@ def test_a_stream_cancelled_while_its_body_waits_wakes_that_wait(served):
     assert servicers[1].stream_cleaned_up.wait(10)
 
 
+def test_many_open_streams_each_get_their_first_item(served):
+    # Far more streams than the device plugin ever opens at once: every one must
+    # be served, none may wait for another to end.
+    paths, servicers = served
+    with grpc.insecure_channel(f"unix://{paths[0]}") as channel:
+        streams = [_watch(channel, "") for _ in range(80)]
+        try:
+            for stream in streams:
+                assert next(stream).status == SERVING
+        finally:
+            for stream in streams:
+                stream.cancel()
+    assert servicers[0].stream_cleaned_up.wait(10)
+
+
 def test_stream_call_runs_each_callback_once_and_late_ones_at_once():
     call = StreamCall()
     fired: list[str] = []
