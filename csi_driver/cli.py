@@ -87,8 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     driver.start()
     log.info("%s %s serving node %s", DRIVER_NAME, __version__, node_id)
     try:
-        signals.event.wait()
-        log.info("received %s, stopping", signals.received)
+        log.info("received %s, stopping", signals.wait())
     finally:
         driver.stop()
         if endpoint is not None:

@@ -196,8 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.config or "the embedded default configuration",
             args.kubelet_dir,
         )
-        signals.event.wait()
-        log.info("received %s; shutting down", signals.received)
+        log.info("received %s; shutting down", signals.wait())
     finally:
         if health is not None:
             health.stop()

@@ -19,7 +19,8 @@ handlers are the one exception to "sync under aio": aio gives a blocked sync
 generator no cancellation callback, so ``rpc.RpcBoundary.stream`` drives them
 from a small async generator instead (see there).
 
-``ShutdownSignals`` turns SIGTERM/SIGINT into an Event the CLIs wait on.
+``ShutdownSignals`` lets the CLIs' main thread wait for SIGTERM/SIGINT whichever
+thread the kernel delivers it to.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import select
 import signal
 import stat
 import threading
@@ -234,15 +236,39 @@ class UnixSocketServer:
 
 
 class ShutdownSignals:
-    """SIGTERM and SIGINT set ``event``; install from the main thread only."""
+    """SIGTERM and SIGINT, waited for by the main thread; install from the main thread.
+
+    The kernel hands a signal sent to the process to any thread that does not
+    block it, gRPC's own threads included.  CPython then runs the Python handler
+    only when the main thread next executes bytecode, and a main thread blocked
+    in a plain lock wait (``Event.wait()``) never does: the daemon ignored a
+    SIGTERM that landed on another thread.  So the handler's signal number also
+    goes to a wakeup pipe (``signal.set_wakeup_fd``, written by whichever thread
+    took the signal), and ``wait`` sleeps in ``select`` on that pipe: it wakes for
+    every signal, lets the handler run, and returns once SIGTERM or SIGINT came.
+    """
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.received: str | None = None
+        self._wakeup: int | None = None
 
     def install(self) -> None:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        self._wakeup = read_end
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+
+    def wait(self) -> str:
+        """Block until SIGTERM or SIGINT arrives (on any thread); its name."""
+        if self._wakeup is None:
+            raise RuntimeError("ShutdownSignals.wait before install")
+        while not self.event.is_set():
+            select.select([self._wakeup], [], [])
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wakeup, 512)
+        return self.received or "a shutdown signal"
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
