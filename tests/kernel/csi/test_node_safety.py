@@ -5,10 +5,12 @@
   that holds the state dir: formatting it would destroy a volume.  Checked on
   the pools ``build_pools`` makes from a config (where a disk pool learns the
   image pools' directories) and end to end through the running driver.
+- A staged xfs that shut itself down is reported abnormal through the RPCs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,11 +24,12 @@ from typing import Any
 
 import grpc
 
-from csi_driver import disks, filesystems, loop
+from csi_driver import disks, filesystems, loop, mounts
 from csi_driver._proto import csi_pb2
 from csi_driver.config import DriverConfig, PoolConfig, SelectorConfig
 from csi_driver.pools import build_pools
 from csi_driver.pools.disk import DiskPool
+from plugin_runtime import commands
 from tests.grpc.csi.driver_harness import (
     ROOT,
     Csi,
@@ -231,3 +234,39 @@ def test_running_driver_never_gives_an_image_volume_as_a_disk():
 
 def _image_of(driver: DriverProcess, volume_id: str) -> str:
     return str(driver.state_dir / "pools/default/volumes" / f"{volume_id}.img")
+
+
+# ---------------------------------------------------------------------------
+# A filesystem that shut itself down
+# ---------------------------------------------------------------------------
+
+
+XFS_SIZE = 320 * MiB
+
+
+def test_a_shut_down_xfs_is_reported_abnormal_and_still_cleans_up(csi, kubelet, driver):
+    v = _Volume(csi, kubelet, "mount", "xfs", XFS_SIZE).up()
+    try:
+        stats = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=v.id, volume_path=v.target, staging_target_path=v.staging), timeout=30)
+        assert not stats.volume_condition.abnormal
+        commands.run(["xfs_io", "-x", "-c", "shutdown", v.staging], timeout=30)
+        # Its mount points now answer EIO even to lstat: still the volume's, not NOT_FOUND.
+        stats = csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=v.id, volume_path=v.target, staging_target_path=v.staging), timeout=30)
+        assert stats.volume_condition.abnormal
+        assert "xfs" in stats.volume_condition.message, stats.volume_condition.message
+        got = csi.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=v.id), timeout=30)
+        assert got.status.volume_condition.abnormal
+        assert got.status.volume_condition.message == stats.volume_condition.message
+    except BaseException:
+        with contextlib.suppress(grpc.RpcError):
+            v.down_and_delete()
+        raise
+    # A shut-down xfs still unmounts: the kubelet's teardown works and leaves nothing.
+    device = v.device(driver)
+    v.down_and_delete()
+    assert not mounts.is_mountpoint(v.target) and not mounts.is_mountpoint(v.staging)
+    assert not os.path.exists(v.target)
+    assert device not in loops_backed_by(driver.state_dir)
