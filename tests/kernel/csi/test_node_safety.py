@@ -5,7 +5,11 @@
   that holds the state dir: formatting it would destroy a volume.  Checked on
   the pools ``build_pools`` makes from a config (where a disk pool learns the
   image pools' directories) and end to end through the running driver.
+- NodeExpandVolume alone (node-only deployment, no ControllerExpandVolume)
+  grows image, loop device and filesystem.
+- NodeUnpublishVolume never deletes a target recursively.
 - A staged xfs that shut itself down is reported abnormal through the RPCs.
+- Loop devices are attached with direct I/O as the pool config says.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from csi_driver import disks, filesystems, loop, mounts
 from csi_driver._proto import csi_pb2
@@ -237,11 +242,64 @@ def _image_of(driver: DriverProcess, volume_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# A filesystem that shut itself down
+# NodeExpandVolume alone, recursive deletes, shut-down xfs, direct I/O
 # ---------------------------------------------------------------------------
 
 
 XFS_SIZE = 320 * MiB
+
+
+def test_node_expand_alone_grows_image_loop_device_and_filesystem(csi, kubelet, driver):
+    # A node-only deployment: no external-resizer, so no ControllerExpandVolume.
+    v = _Volume(csi, kubelet, "mount", "xfs", XFS_SIZE).up()
+    try:
+        with open(os.path.join(v.target, "keep"), "wb") as handle:
+            handle.write(b"kept")
+        device = v.device(driver)
+        before = os.statvfs(v.target)
+        new_size = XFS_SIZE + 256 * MiB
+        resp = csi.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=v.id, volume_path=v.target, staging_target_path=v.staging,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=new_size),
+            volume_capability=v.cap), timeout=120)
+        assert resp.capacity_bytes == new_size
+        assert os.stat(_image_of(driver, v.id)).st_size == new_size
+        assert loop.device_size(device) == new_size
+        after = os.statvfs(v.target)
+        grown = (after.f_blocks - before.f_blocks) * after.f_frsize
+        assert grown > 200 * MiB, f"filesystem grew by {grown} bytes only"
+        got = csi.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=v.id), timeout=30)
+        assert got.volume.capacity_bytes == new_size
+        with open(os.path.join(v.target, "keep"), "rb") as handle:
+            assert handle.read() == b"kept"
+    finally:
+        v.down_and_delete()
+
+
+def test_unpublish_never_deletes_a_target_recursively(csi, kubelet, driver):
+    v = _Volume(csi, kubelet, "mount", "ext4", 32 * MiB).up()
+    try:
+        # Someone unmounted the target behind the driver's back and left a file in the
+        # bare directory: that file is not the volume's, and it must survive.
+        mounts.unmount(v.target)
+        stray = os.path.join(v.target, "not-the-volumes")
+        with open(stray, "wb") as handle:
+            handle.write(b"someone else's")
+        csi.unpublish(v.id, v.target)  # OK: the volume is no longer published there
+        with open(stray, "rb") as handle:
+            assert handle.read() == b"someone else's"
+        # Repeating is idempotent and still removes nothing.
+        csi.unpublish(v.id, v.target)
+        assert os.path.exists(stray)
+        os.unlink(stray)
+        csi.unpublish(v.id, v.target)
+        assert not os.path.exists(v.target), "an empty target directory is removed"
+    finally:
+        if os.path.exists(v.target) and not mounts.is_mountpoint(v.target):
+            for entry in os.listdir(v.target):
+                os.unlink(os.path.join(v.target, entry))
+        v.down_and_delete()
 
 
 def test_a_shut_down_xfs_is_reported_abnormal_and_still_cleans_up(csi, kubelet, driver):
@@ -270,3 +328,28 @@ def test_a_shut_down_xfs_is_reported_abnormal_and_still_cleans_up(csi, kubelet, 
     assert not mounts.is_mountpoint(v.target) and not mounts.is_mountpoint(v.staging)
     assert not os.path.exists(v.target)
     assert device not in loops_backed_by(driver.state_dir)
+
+
+@pytest.fixture
+def buffered_driver() -> Iterator[DriverProcess]:
+    """A driver whose image pool turns direct I/O off."""
+    def config(base: Path) -> dict[str, object]:
+        return {"pools": [{"name": "default", "type": "image", "direct_io": False,
+                           "path": str(base / "state/pools/default")}]}
+
+    with running_driver(config=config) as proc:
+        yield proc
+
+
+def test_stage_attaches_the_loop_device_with_direct_io(csi, kubelet, driver, buffered_driver):
+    v = _Volume(csi, kubelet, "mount", "ext4", 32 * MiB).up()
+    try:
+        assert _sysfs_loop(v.device(driver), "dio") == "1"
+    finally:
+        v.down_and_delete()
+    other = _Volume(buffered_driver.csi(), KubeletLayout(buffered_driver.kubelet_root),
+                    "block", "", 16 * MiB).up()
+    try:
+        assert _sysfs_loop(other.device(buffered_driver), "dio") == "0"
+    finally:
+        other.down_and_delete()
