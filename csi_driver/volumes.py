@@ -886,7 +886,7 @@ class VolumeService:
 
     def _unmount_ours(self, path: str, ours: _Owned) -> None:
         for _ in range(16):  # a crashed retry may have stacked the same mount twice
-            current = mounts.find_mount(path) if os.path.lexists(path) else None
+            current = mounts.find_mount(path) if _present(path) else None
             if current is None or not ours.matches(current):
                 return
             mounts.unmount(path)
@@ -1024,7 +1024,7 @@ class VolumeService:
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self._volume(volume_id)
             ours = self._owned(rec)
-            if os.path.lexists(target):
+            if _present(target):
                 current = mounts.find_mount(target)
                 if current is not None:
                     if not (ours.matches(current) or target in rec.publications):
@@ -1052,7 +1052,7 @@ class VolumeService:
         path = self.check_path(volume_path, "volume_path")
         rec = self._volume(volume_id)
         _check_volume_path(rec, path)
-        if not os.path.lexists(path):
+        if not _present(path):
             raise NotFound(f"{path} does not exist")
         condition = self.condition(rec)
         block = rec.publications[path].block if path in rec.publications else bool(
@@ -1201,6 +1201,22 @@ def _apply_group(path: str, group: str) -> None:
     mode = stat.S_IMODE(st.st_mode) | stat.S_ISGID | stat.S_IRWXG
     if stat.S_IMODE(st.st_mode) != mode:
         os.chmod(path, mode)
+
+
+def _present(path: str) -> bool:
+    """Something is at ``path``, even if it cannot be looked at.
+
+    ``os.path.lexists`` says False on any error, and the mount point of a
+    filesystem that shut itself down (xfs after a metadata error) answers lstat
+    with EIO: treated as absent, the dead mount would never be unmounted.
+    """
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _remove_target(target: str) -> None:

@@ -1,7 +1,9 @@
 """Pools: where volume backing comes from (image files, whole disks).
 
 ``build_pools`` turns the validated configuration into pool objects; the
-``Pool`` protocol in ``base`` is all the VolumeService sees of them.
+``Pool`` protocol in ``base`` is all the VolumeService sees of them.  It is
+also where a disk pool learns the directories of every image pool, so none of
+them can take a loop device backed by one of the driver's own images.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from csi_driver.pools.imagefile import ImagePool
 
 def build_pools(config: DriverConfig, state_dir: str) -> list[Pool]:
     pools: list[Pool] = []
+    image_dirs = tuple(pc.path for pc in config.pools if pc.type == "image")
     for pc in config.pools:
         if pc.type == "image":
             pools.append(ImagePool(pc))
         else:
             from csi_driver.pools.disk import DiskPool
 
-            pools.append(DiskPool(pc, state_dir))
+            pools.append(DiskPool(pc, state_dir, image_dirs=image_dirs))
     return pools

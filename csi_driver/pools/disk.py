@@ -14,11 +14,14 @@ Two modes (``mode`` in the pool config):
   (``ImagePool``) and a new volume goes to the disk with the most free space.
 
 A disk is taken only if ``disks.unsafe_reason`` finds nothing wrong (no
-partitions, signature, holders, mounts; not the disk under / or the state
-dir).  Disks already in use by this pool (a volume's disk, a backing disk
-with our label) are recognised and kept.  A ``DiskWatcher`` adds disks that
-appear later; a disk that vanishes makes its volumes' condition abnormal
-(``backing_exists`` is false), and nothing is deleted.  A refused disk is not
+partitions, signature, holders, mounts; not the disk under /, the state dir
+or an image pool's directory; not a loop device backed by a file under the
+state dir or an image pool's directory, i.e. one of the driver's own images:
+formatting it would destroy a volume).  Disks already in use by this pool (a
+volume's disk, a backing disk with our label) are recognised and kept.  A
+``DiskWatcher`` adds disks that appear later; a disk that vanishes makes its
+volumes' condition abnormal (``backing_exists`` is false), and nothing is
+deleted.  A refused disk is not
 refused for good: the watcher's periodic resync (and ``rescan``) offers it
 again, so a disk that was mounted, held or could not be probed when it was
 first seen joins once that is over, without a uevent of its own.  A refusal
@@ -30,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 
 from csi_driver import disks, filesystems, mounts
 from csi_driver.config import PoolConfig
@@ -76,11 +80,20 @@ class DiskPool:
     kind = "disk"
 
     def __init__(
-        self, config: PoolConfig, state_dir: str, *, resync_seconds: float = 60.0
+        self,
+        config: PoolConfig,
+        state_dir: str,
+        *,
+        image_dirs: Sequence[str],
+        resync_seconds: float = 60.0,
     ) -> None:
+        """``image_dirs``: the directory of every image pool of the driver (the state
+        dir, which holds the backing-mode mounts, is always added)."""
         self.name = config.name
         self.config = config
         self.state_dir = state_dir
+        self.image_dirs = tuple(dict.fromkeys((state_dir, *image_dirs)))
+        self.protected_paths = tuple(dict.fromkeys(("/", *self.image_dirs)))
         self.mode = config.mode
         self.supports_snapshots = self.mode == "backing"
         self.shares_space = self.mode == "backing"
@@ -143,7 +156,9 @@ class DiskPool:
         return self._ready
 
     def _reason(self, disk: disks.Disk) -> str | None:
-        return disks.unsafe_reason(disk, protected_paths=("/", self.state_dir))
+        return disks.unsafe_reason(
+            disk, protected_paths=self.protected_paths, image_dirs=self.image_dirs
+        )
 
     def _on_change(self, added: list[disks.Disk], removed: list[str]) -> None:
         for disk in added:

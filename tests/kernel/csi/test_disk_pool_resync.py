@@ -34,7 +34,7 @@ def _pool(scratch: Scratch, **kwargs: float) -> DiskPool:
         selector=SelectorConfig(kernel="loop*",
                                 attributes={"loop/backing_file": f"{scratch.root}/*"}),
     )
-    return DiskPool(config, scratch.directory("state"), **kwargs)
+    return DiskPool(config, scratch.directory("state"), image_dirs=(), **kwargs)
 
 
 def _busy_disk(scratch: Scratch) -> tuple[str, str]:
