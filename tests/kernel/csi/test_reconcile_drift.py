@@ -188,15 +188,30 @@ def _unreadable_record(d: Drift) -> None:
     d.keep(record, d.image(vid))
 
 
-SCENARIOS: dict[str, Callable[[Drift], None]] = {
-    "record-without-image": _record_without_image,
-    "image-without-record": _image_without_record,
-    "loop-not-staged": _loop_not_staged,
-    "partial-image": _partial_image,
-    "incomplete-create": _incomplete_create,
-    "incomplete-delete": _incomplete_delete,
-    "stale-publication": _stale_publication,
-    "unreadable-record": _unreadable_record,
+def _record_not_a_record(d: Drift) -> None:
+    """A record that is JSON with the right id but lacks a field (a hand edit): the
+    driver must still start, and report it like any unreadable record."""
+    vid = _ready_volume(d)
+    d.driver.stop()
+    record = d.record(vid)
+    data = json.loads(record.read_text())
+    del data["capacity_bytes"]
+    record.write_text(json.dumps(data))
+    d.kind, d.path = "unreadable-record", str(record)
+    d.keep(record, d.image(vid))
+
+
+# scenario -> the kind of finding it must produce
+SCENARIOS: dict[str, tuple[str, Callable[[Drift], None]]] = {
+    "record-without-image": ("record-without-image", _record_without_image),
+    "image-without-record": ("image-without-record", _image_without_record),
+    "loop-not-staged": ("loop-not-staged", _loop_not_staged),
+    "partial-image": ("partial-image", _partial_image),
+    "incomplete-create": ("incomplete-create", _incomplete_create),
+    "incomplete-delete": ("incomplete-delete", _incomplete_delete),
+    "stale-publication": ("stale-publication", _stale_publication),
+    "unreadable-record": ("unreadable-record", _unreadable_record),
+    "record-not-a-record": ("unreadable-record", _record_not_a_record),
 }
 
 
@@ -220,10 +235,12 @@ def _pools_json(driver: DriverProcess) -> dict[str, object]:
     return data
 
 
-@pytest.mark.parametrize("kind", sorted(SCENARIOS))
-def test_reconcile_reports_drift_and_deletes_nothing(drift_driver: DriverProcess, kind: str):
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_reconcile_reports_drift_and_deletes_nothing(drift_driver: DriverProcess,
+                                                     scenario: str):
+    kind, make = SCENARIOS[scenario]
     d = Drift(drift_driver)
-    SCENARIOS[kind](d)
+    make(d)
     assert d.kind == kind
     if d.driver.alive():
         d.driver.stop()
