@@ -16,17 +16,20 @@ Then the driver starts again and its start-up reconcile must log the finding
 must list it with its object, and every file, record, loop device and
 directory involved must still be there afterwards.
 
-Everything here runs on the default image pool, so the disk pool's
-``record-without-disk`` is not among the kinds.
+The parametrized test runs on the default image pool; the disk pool's
+``record-without-disk`` has its own test (a loop device standing in for a disk
+is detached while the driver is down).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_driver import loop
 from tests.grpc.csi.driver_harness import (
     ROOT,
     DriverProcess,
@@ -262,3 +266,63 @@ def test_reconcile_reports_drift_and_deletes_nothing(drift_driver: DriverProcess
     attached = set(loops_backed_by(d.driver.state_dir))
     for device, backing in d.loops.items():
         assert device in attached, f"{device} (backed by {backing}) was detached"
+
+
+@pytest.fixture
+def vanishing_disk() -> Iterator[tuple[Path, str]]:
+    """One loop device standing in for a disk (400 MiB), which the test may detach.
+
+    Teardown detaches it only if it is still the same device on the same image:
+    once the test detached it, the number may belong to someone else.
+    """
+    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="csiv", dir="/tmp")))
+    image = base / "disk0.img"
+    with open(image, "wb") as f:
+        f.truncate(400 * MiB)
+    device = loop.attach(str(image), direct_io=False)
+    try:
+        yield base, device
+    finally:
+        if device in loop.devices_backed_by(str(image)):
+            loop.detach(device)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_reconcile_reports_a_vanished_disk_and_keeps_its_record(
+    vanishing_disk: tuple[Path, str],
+):
+    """record-without-disk: a disk-volume pool's disk is unplugged while the driver is
+    down; at start the volume's record is reported, kept, and nothing is wiped."""
+    base, device = vanishing_disk
+
+    def config(driver_base: Path) -> dict[str, object]:
+        return {"restrict_paths": True, "pools": [
+            {"name": "disks", "type": "disk", "mode": "volume",
+             "selector": {"kernel": "loop*",
+                          "attributes": {"loop/backing_file": f"{base}/disk*.img"}}},
+            {"name": "default", "type": "image", "path": str(driver_base / "state/pools/d")},
+        ]}
+
+    with running_driver(node_id="node-drift", config=config) as driver:
+        vol = driver.csi().create(f"pv-{base.name}", size=400 * MiB, kind="block",
+                                  params={"pool": "disks"})
+        record = driver.state_dir / "volumes" / f"{vol.volume_id}.json"
+        kept = record.read_bytes()
+        backing = json.loads(kept)["backing"]
+        assert backing
+        driver.stop()
+        loop.detach(device)  # the disk is unplugged
+        driver.start()
+
+        logged = f"reconcile: record-without-disk in pool disks: {backing}"
+        assert logged in _log_of_last_start(driver), driver.log_tail()
+        report = subprocess.run(
+            [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
+             str(driver.state_dir), "--config", str(driver.base / "config.yaml")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        findings = json.loads(report.stdout)["findings"]
+        assert [f for f in findings if f["kind"] == "record-without-disk"
+                and f["pool"] == "disks" and f["path"] == backing], findings
+        assert record.read_bytes() == kept, "the record was changed or removed"
+        assert (base / "disk0.img").stat().st_size == 400 * MiB
