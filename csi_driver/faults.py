@@ -11,6 +11,8 @@ Crash points (operation.step):
 - store.before_rename: a record's temp file is written and fsynced, not renamed.
 - create.after_record: the "creating" record is durable, no image yet.
 - create.after_image: the image file exists (sized), not formatted.
+- clone.after_freeze: a clone's staged source filesystem is frozen, nothing
+  copied yet (must be thawed on restart, as for snapshot.after_freeze).
 - create.after_copy: (restore/clone) the source data is copied, not resized.
 - create.after_mkfs: the filesystem is on the image, record still "creating".
 - create.after_ready: the record says "ready", the response is not sent.

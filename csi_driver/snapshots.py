@@ -48,11 +48,19 @@ class SnapshotService:
         self.volumes = volumes
         self.store = volumes.store
         self.locks = volumes.locks
-        volumes.copy_source = self.frozen_source
+        volumes.copy_source = self.frozen_clone_source
+
+    def frozen_clone_source(self, rec: VolumeRecord) -> contextlib.AbstractContextManager[None]:
+        """``frozen_source`` for a clone (CreateVolume from a volume)."""
+        return self.frozen_source(rec, "clone.after_freeze")
 
     @contextlib.contextmanager
-    def frozen_source(self, rec: VolumeRecord) -> Iterator[None]:
-        """Keep ``rec``'s filesystem frozen while its image is read, if it is mounted."""
+    def frozen_source(
+        self, rec: VolumeRecord, step: str = "snapshot.after_freeze"
+    ) -> Iterator[None]:
+        """Keep ``rec``'s filesystem frozen while its image is read, if it is mounted.
+
+        ``step`` names the crash point reached once it is frozen."""
         staging = rec.staging
         if staging is None or staging.block or not rec.fs_type:
             yield
@@ -63,7 +71,7 @@ class SnapshotService:
             yield
             return
         with filesystems.frozen(staging.path):
-            crash_point("snapshot.after_freeze")
+            crash_point(step)
             yield
 
     def create_snapshot(

@@ -222,7 +222,7 @@ class Store:
         self.unreadable: list[str] = []
         self.load()
 
-    def _load_dir(self, directory: str, kind: str) -> Iterator[dict[str, Any]]:
+    def _load_dir(self, directory: str, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for entry in sorted(os.listdir(directory)):
             path = os.path.join(directory, entry)
             if entry.startswith(".") and ".tmp-" in entry:
@@ -238,21 +238,34 @@ class Store:
                 if not isinstance(data, dict) or data.get("id") != entry[:-5]:
                     raise ValueError("id does not match the file name")
             except (OSError, ValueError) as exc:
-                log.error("cannot read record %s (left in place): %s", path, exc)
-                self.unreadable.append(path)
+                self._unreadable(path, exc)
                 continue
-            yield data
+            yield path, data
+
+    def _unreadable(self, path: str, exc: Exception) -> None:
+        log.error("cannot read record %s (left in place): %s", path, exc)
+        self.unreadable.append(path)
 
     def load(self) -> None:
         with self._lock:
             self._volumes.clear()
             self._snapshots.clear()
             self.unreadable = []
-            for data in self._load_dir(self.volume_dir, "vol"):
-                rec = VolumeRecord.from_json(data)
+            # JSON with the right id can still lack fields or hold wrong types (a
+            # damaged disk, a hand edit): that record is unreadable too, not fatal.
+            for path, data in self._load_dir(self.volume_dir, "vol"):
+                try:
+                    rec = VolumeRecord.from_json(data)
+                except (TypeError, ValueError, AttributeError) as exc:
+                    self._unreadable(path, exc)
+                    continue
                 self._volumes[rec.id] = rec
-            for data in self._load_dir(self.snapshot_dir, "snap"):
-                snap = SnapshotRecord.from_json(data)
+            for path, data in self._load_dir(self.snapshot_dir, "snap"):
+                try:
+                    snap = SnapshotRecord.from_json(data)
+                except (TypeError, ValueError, AttributeError) as exc:
+                    self._unreadable(path, exc)
+                    continue
                 self._snapshots[snap.id] = snap
             self._volume_names = {v.name: v.id for v in self._volumes.values()}
             self._snapshot_names = {s.name: s.id for s in self._snapshots.values()}

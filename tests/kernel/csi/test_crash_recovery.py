@@ -14,6 +14,11 @@ the test
    of this scenario, and
 5. checks that a bystander volume published before any crash still holds its
    data (sha256).
+
+At the points where the source filesystem is frozen (a snapshot or a clone of a
+staged volume), the test also checks, while the driver is dead, that the
+filesystem really is frozen: the point is reached only with the freeze, and the
+restarted driver must thaw it.
 """
 
 from __future__ import annotations
@@ -309,6 +314,39 @@ def _verify_snapshot(s: Scene) -> None:
         s.csi.unstage(vid, staging)
 
 
+def _is_frozen(path: str) -> bool:
+    """True if the filesystem at ``path`` is frozen (a second freeze is EBUSY); leaves it
+    as it was."""
+    result = commands.run(["fsfreeze", "--freeze", path], timeout=30, check=False)
+    if result.returncode == 0:
+        commands.run(["fsfreeze", "--unfreeze", path], timeout=30)
+        return False
+    assert "busy" in result.stderr.lower(), result.stderr
+    return True
+
+
+def _act_clone(s: Scene) -> None:
+    source = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=s.volumes[0]))
+    s.create(f"clone-{s.tag}", source=source)
+
+
+def _verify_clone(s: Scene) -> None:
+    _not_frozen(s.target)
+    digest = s.digest
+    vid = s.volumes[-1]
+    staging = s.kubelet.staging_dir(vid)
+    target = s.kubelet.target_dir(f"pod-c-{s.tag}", f"pv-c-{s.tag}")
+    s.csi.stage(vid, staging, s.cap)
+    s.csi.publish(vid, staging, target, s.cap)
+    try:
+        assert s.read_digest(target) == digest
+    finally:
+        s.csi.unpublish(vid, target)
+        s.csi.unstage(vid, staging)
+    s.write()  # the source is writable again
+
+
 def _act_delete_snapshot(s: Scene) -> None:
     s.csi.controller.DeleteSnapshot(
         csi_pb2.DeleteSnapshotRequest(snapshot_id=s.snapshots[0]), timeout=60)
@@ -321,10 +359,15 @@ def _verify_delete_snapshot(s: Scene) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+# Points where the source filesystem is frozen: a kill -9 there leaves it frozen
+# until the restarted driver's reconcile thaws it.
+FROZEN_AT = ("snapshot.after_freeze", "clone.after_freeze")
+
 SCENARIOS: dict[str, Scenario] = {
     "store": Scenario(_nothing, _act_create, _verify_create),
     "create": Scenario(_nothing, _act_create, _verify_create),
     "create.after_copy": Scenario(_create_with_snapshot, _act_restore, _verify_restore),
+    "clone": Scenario(_create_published, _act_clone, _verify_clone),
     "delete": Scenario(_create_vol, _act_delete, _verify_delete),
     "stage": Scenario(_create_vol, _act_stage, _verify_stage),
     "stage.after_mkfs": Scenario(_create_vol, _act_stage, _verify_stage, create_kind="block"),
@@ -458,6 +501,8 @@ def test_crash_and_recover(bed: Bed, point: str):
     else:
         driver.stop()
         pytest.fail(f"crash point {point} was never reached by its scenario")
+    if point in FROZEN_AT:
+        assert _is_frozen(scene.target), f"{point} was reached without the source frozen"
 
     # Restart normally and retry until it converges.
     driver.start()

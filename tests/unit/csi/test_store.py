@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,40 @@ def test_torn_temp_file_and_unreadable_record_are_ignored_not_deleted(tmp_path):
     assert not os.path.exists(torn)
     assert os.path.exists(broken)  # never deleted: an operator looks at it
     assert broken in again.unreadable
+
+
+@pytest.mark.parametrize("damage", [
+    {"drop": "name"},  # valid JSON, the right id, a field missing
+    {"set": ("staging", "not an object")},
+    {"set": ("publications", ["not", "a", "map"])},
+])
+def test_record_that_is_json_but_not_a_record_is_unreadable_not_fatal(tmp_path, damage):
+    s = Store(str(tmp_path))
+    good, bad = record(name="good"), record(name="bad")
+    s.put_volume(good)
+    s.put_volume(bad)
+    snap = SnapshotRecord(id=new_snapshot_id(), name="snap", source_volume=good.id,
+                          pool="default", size_bytes=1 << 20, fs_type="ext4", block=False)
+    s.put_snapshot(snap)
+    path = os.path.join(s.volume_dir, f"{bad.id}.json")
+    snap_path = os.path.join(s.snapshot_dir, f"{snap.id}.json")
+    data = json.loads(Path(path).read_text())
+    if "drop" in damage:
+        del data[damage["drop"]]
+    else:
+        key, value = damage["set"]
+        data[key] = value
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with open(snap_path, "w") as f:
+        json.dump({"id": snap.id, "name": "snap"}, f)
+    damaged = {path: Path(path).read_text(), snap_path: Path(snap_path).read_text()}
+    again = Store(str(tmp_path))
+    assert [v.id for v in again.volumes()] == [good.id]
+    assert again.snapshots() == []
+    assert sorted(again.unreadable) == sorted(damaged)
+    for name, content in damaged.items():
+        assert Path(name).read_text() == content, f"{name} was rewritten or removed"
 
 
 def test_write_atomically_fsyncs_the_directory(tmp_path, monkeypatch):
