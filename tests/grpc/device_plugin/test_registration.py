@@ -94,6 +94,28 @@ def test_kubelet_restart_re_registers_on_a_new_socket(kubelet, run_manager):
         first = again
 
 
+def test_kubelet_sock_recreated_alone_re_registers(kubelet, kubelet_dir):
+    # A kubelet restart also wipes our socket and ends our stream, and either makes
+    # us re-register; here only kubelet.sock comes back, with the safety checks an
+    # hour away, so only the kubelet.sock watch can bring the new registration.
+    manager = PluginManager(
+        FakeCatalog([FakeResource("hostkit.io/fake", [unit("a")])]),
+        kubelet_dir,
+        safety_interval=3600.0,
+        idle_interval=3600.0,
+    )
+    manager.start()
+    try:
+        first = kubelet.wait_registered("hostkit.io/fake")
+        kubelet.recreate_socket()
+        again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket)
+        assert again.snapshots[-1].healthy() == {"a"}
+        assert manager.servers["hostkit.io/fake"].reregister_reasons == ["kubelet.sock created"]
+        assert first.socket not in socket_names(kubelet_dir)
+    finally:
+        manager.stop()
+
+
 def test_own_socket_deleted_re_registers(kubelet, run_manager):
     manager = run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
     first = kubelet.wait_registered("hostkit.io/fake")
