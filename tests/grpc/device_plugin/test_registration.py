@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.kubelet import KubeletStandIn, is_extended_resource_name, socket_names
 from device_plugin import api, cli, model
@@ -114,6 +115,26 @@ def test_kubelet_sock_recreated_alone_re_registers(kubelet, kubelet_dir):
         assert first.socket not in socket_names(kubelet_dir)
     finally:
         manager.stop()
+
+
+def test_the_plugin_socket_serves_grpc_health_until_it_stops(kubelet, run_manager):
+    manager = run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
+    endpoint = kubelet.wait_registered("hostkit.io/fake")
+    path = os.path.join(kubelet.directory, endpoint.socket)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(f"unix://{path}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "v1beta1.DevicePlugin"):
+            check = health_pb2.HealthCheckRequest(service=service)
+            assert stub.Check(check, timeout=5).status == serving, service
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="v1beta1.DevicePlugin"),
+                           timeout=30)
+        assert next(watch).status == serving
+        manager.stop()
+        # A watcher is told before the server goes (graceful shutdown), then the
+        # socket is gone: no client can find a half-stopped plugin.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not os.path.exists(path)
 
 
 def test_own_socket_deleted_re_registers(kubelet, run_manager):
