@@ -21,7 +21,9 @@ What it does, and where the real kubelet does it (reference §1.2-1.6):
   ``preferred_allocation`` is refused unless the plugin advertised it;
 * ``restart`` stops, deletes every *socket* in the directory (not
   ``kubelet_internal_checkpoint``, not directories) and serves ``kubelet.sock``
-  again (manager.go ``CleanupPluginDirectory``).
+  again (manager.go ``CleanupPluginDirectory``);
+* ``recreate_socket`` re-creates only ``kubelet.sock`` (what every kubelet start
+  does), keeping plugin sockets and streams, to test that one trigger alone.
 """
 
 from __future__ import annotations
@@ -148,6 +150,20 @@ class KubeletStandIn:
         for thread in self._threads:
             thread.join(5)
         self._threads.clear()
+
+    def recreate_socket(self) -> None:
+        """Serve ``kubelet.sock`` anew (new inode) and change nothing else.
+
+        Every real kubelet start re-creates ``kubelet.sock``; ``restart`` also
+        drops the plugins' connections and wipes their sockets, and either of
+        those alone makes a plugin re-register.  This isolates the one signal a
+        plugin that only watches ``kubelet.sock`` relies on: the registration
+        server goes and comes back, the endpoints and their streams stay.
+        """
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(0).wait(5)
+        self.start()
 
     def restart(self) -> None:
         self.stop()

@@ -41,8 +41,10 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The extras belong to the message line, ahead of any traceback that
+        # ``format`` appends (not glued to the exception's last line).
+        text = super().formatMessage(record)
         extras = _extras(record)
         if extras:
             text += " " + " ".join(f"{k}={v}" for k, v in sorted(extras.items()))

@@ -3,8 +3,10 @@
 Real servers on unix sockets.  What must hold whatever the daemon: a handler that
 blocks never stalls another socket of the process (unary handlers run on their
 server's pool); ``RpcBoundary.inline`` and ``.stream`` map errors like ``.unary``;
-a cancelled stream's body is woken at once and its cleanup runs; and every server
-shares the one serving loop, the reason idle cost no longer grows with sockets.
+a cancelled stream's body is woken at once and its cleanup runs; every server
+shares the one serving loop, the reason idle cost no longer grows with sockets; and
+a graceful stop lets an in-flight call finish but never waits past its grace for
+a handler that does not return.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +47,12 @@ class ModelServicer:
     def Block(self, request: Request, context: grpc.ServicerContext) -> Reply:
         self.blocked.set()
         self.release.wait(20)
+        return Reply(status=SERVING)
+
+    @_BOUNDARY.unary
+    def Slow(self, request: Request, context: grpc.ServicerContext) -> Reply:
+        self.blocked.set()
+        time.sleep(0.5)
         return Reply(status=SERVING)
 
     @_BOUNDARY.unary
@@ -86,6 +95,7 @@ def _register(servicer: ModelServicer, server: grpc.aio.Server) -> None:
 
     handlers = {
         "Block": unary(servicer.Block),
+        "Slow": unary(servicer.Slow),
         "Quick": unary(servicer.Quick),
         "Inline": unary(servicer.Inline),
         "Watch": grpc.unary_stream_rpc_method_handler(
@@ -247,3 +257,58 @@ def test_the_serving_loop_refuses_to_wait_on_itself():
 
     with pytest.raises(RuntimeError, match="from the serving loop"):
         shared.run(nested(), timeout=5)
+
+
+@pytest.fixture
+def lone_server() -> Iterator[tuple[UnixSocketServer, ModelServicer]]:
+    directory = tempfile.mkdtemp(prefix="sm", dir="/tmp")
+    servicer = ModelServicer()
+    server = UnixSocketServer(
+        os.path.join(directory, "lone.sock"), lambda s: _register(servicer, s), max_workers=2
+    )
+    server.start()
+    try:
+        yield server, servicer
+    finally:
+        servicer.release.set()
+        server.stop(grace=1)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_stop_lets_an_in_flight_call_finish_within_its_grace(lone_server):
+    server, servicer = lone_server
+    with grpc.insecure_channel(f"unix://{server.socket_path}") as channel:
+        pending = _call(channel, "Slow").future(Request(), timeout=30)
+        assert servicer.blocked.wait(10)
+        server.stop(grace=1)  # the handler needs about 0.5 s more
+        assert pending.result(timeout=10).status == SERVING
+    assert not os.path.exists(server.socket_path)
+
+
+def test_stop_returns_after_its_grace_even_if_a_handler_never_does(lone_server):
+    server, servicer = lone_server
+    with grpc.insecure_channel(f"unix://{server.socket_path}") as channel:
+        pending = _call(channel, "Block").future(Request(), timeout=30)
+        assert servicer.blocked.wait(10)
+        outcome: list[BaseException | None] = []
+
+        def stop() -> None:
+            try:
+                server.stop(grace=1)
+                outcome.append(None)
+            except BaseException as exc:  # reported below, not lost in the thread
+                outcome.append(exc)
+
+        stopper = threading.Thread(target=stop, name="stopper")
+        stopper.start()
+        # A generous bound, not a speed goal: the handler blocks for 20 s unless
+        # released, so a stop that waited for it would still be running here.
+        stopper.join(1 + 3)
+        alive = stopper.is_alive()
+        servicer.release.set()
+        stopper.join(30)
+        assert not alive, "stop(grace=1) waited for a handler that never returned"
+        assert outcome == [None]
+        with pytest.raises(grpc.RpcError):
+            pending.result(timeout=10)  # cancelled by the stop, not answered
+    assert not os.path.exists(server.socket_path)

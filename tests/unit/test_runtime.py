@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import socket
@@ -148,4 +149,47 @@ def test_server_stop_leaves_a_newer_socket_alone():
         assert os.path.exists(path), "stopping the old server removed the new socket"
     finally:
         second.stop(grace=0.5)
+        os.rmdir(d)
+
+
+def test_server_start_refuses_to_replace_a_regular_file_and_keeps_it():
+    d = tempfile.mkdtemp(dir="/tmp")
+    path = os.path.join(d, "s.sock")
+    with open(path, "w") as f:
+        f.write("not a socket")
+    server = UnixSocketServer(path, lambda s: None, max_workers=2)
+    try:
+        with pytest.raises(FileExistsError, match="not a socket"):
+            server.start()
+        assert not server.started
+        with open(path) as f:
+            assert f.read() == "not a socket"
+        assert os.listdir(d) == ["s.sock"]  # nor a private socket left behind
+    finally:
+        server.stop(grace=0.5)
+        os.unlink(path)
+        os.rmdir(d)
+
+
+def test_server_start_replaces_the_stale_socket_of_a_dead_process(caplog):
+    d = tempfile.mkdtemp(dir="/tmp")
+    path = os.path.join(d, "s.sock")
+    # What a killed process leaves: a bound socket file nobody listens on.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(path)
+    server = UnixSocketServer(path, lambda s: None, max_workers=2)
+    caplog.set_level(logging.INFO, logger="plugin_runtime.server")
+    server.start()
+    try:
+        assert f"removed stale socket {path}" in caplog.messages
+        assert server.socket_is_ours()
+        with grpc.insecure_channel(f"unix://{path}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(grace=0.5)
         os.rmdir(d)

@@ -13,7 +13,9 @@ import tempfile
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from demo.kubelet import socket_names
 from device_plugin import cli, registry
@@ -67,8 +69,6 @@ def test_real_domain_behind_the_wire(kubelet, kubelet_dir, config_file):
         (zero_id,) = endpoints["hostkit.io/zero"].snapshots[-1].healthy()
         assert dict(kubelet.allocate("hostkit.io/zero", [zero_id]).envs) == {"ZERO_IDS": zero_id}
         assert kubelet.preferred_allocation("hostkit.io/null", sorted(null_ids), [], 2)
-        import grpc
-
         with pytest.raises(grpc.RpcError) as info:
             kubelet.allocate("hostkit.io/null", ["no-such-id"])
         assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
@@ -82,6 +82,64 @@ def test_real_domain_behind_the_wire(kubelet, kubelet_dir, config_file):
         manager.stop()
         domain.stop()
     assert socket_names(kubelet_dir) == {"kubelet.sock"}
+
+
+def _sample(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# /dev/zero's sysfs "dev" attribute is "1:5": this probe fails, so zero is Unhealthy.
+METRICS_CONFIG = CONFIG.replace(
+    "    env: {ZERO_IDS: \"{ids}\"}\n",
+    "    health: {probe: attribute, attribute: dev, healthy_values: [\"0:0\"]}\n",
+)
+
+
+def test_metrics_count_devices_allocations_and_registrations(kubelet, kubelet_dir):
+    null = {"resource": "hostkit.io/null"}
+    zero = {"resource": "hostkit.io/zero"}
+    # Counters are process-wide: compare with their values before this test.
+    before = {
+        (name, result): _sample(name, **null, result=result)
+        for name in ("hostkit_device_plugin_allocations_total",
+                     "hostkit_device_plugin_registrations_total")
+        for result in ("ok", "NOT_FOUND", "error")
+    }
+
+    def added(name: str, result: str) -> float:
+        return _sample(name, **null, result=result) - before[(name, result)]
+
+    assert "health:" in METRICS_CONFIG
+    domain = DevicePluginDomain(config=parse_yaml(METRICS_CONFIG), watch_config=False)
+    domain.start()
+    manager = PluginManager(domain.catalog, kubelet_dir)
+    try:
+        manager.start()
+        endpoint = kubelet.wait_registered("hostkit.io/null")
+        assert len(kubelet.wait_registered("hostkit.io/zero").snapshots[-1].unhealthy()) == 1
+        assert _sample("hostkit_device_plugin_devices", **null, health="Healthy") == 3
+        assert _sample("hostkit_device_plugin_devices", **null, health="Unhealthy") == 0
+        assert _sample("hostkit_device_plugin_devices", **zero, health="Healthy") == 0
+        assert _sample("hostkit_device_plugin_devices", **zero, health="Unhealthy") == 1
+        assert _sample("hostkit_device_plugin_registered", **null) == 1
+        assert added("hostkit_device_plugin_registrations_total", "ok") == 1
+        assert added("hostkit_device_plugin_registrations_total", "error") == 0
+        assert added("hostkit_device_plugin_allocations_total", "ok") == 0
+        kubelet.allocate("hostkit.io/null", sorted(endpoint.snapshots[-1].healthy())[:2])
+        assert added("hostkit_device_plugin_allocations_total", "ok") == 1
+        with pytest.raises(grpc.RpcError):
+            kubelet.allocate("hostkit.io/null", ["no-such-id"])
+        assert added("hostkit_device_plugin_allocations_total", "NOT_FOUND") == 1
+        assert added("hostkit_device_plugin_allocations_total", "ok") == 1
+    finally:
+        manager.stop()
+        domain.stop()
+    assert _sample("hostkit_device_plugin_registered", **null) == 0
+    # A resource no longer served leaves no device gauge behind.
+    assert REGISTRY.get_sample_value(
+        "hostkit_device_plugin_devices", {**null, "health": "Healthy"}
+    ) is None
 
 
 def test_shutdown_releases_every_domain_wait_at_once(kubelet, kubelet_dir, monkeypatch):
@@ -148,14 +206,17 @@ def _serve(kubelet_dir, config_file, *extra):
     return proc, cdi
 
 
-def test_sigterm_on_the_daemon_exits_cleanly_and_removes_its_sockets(
-    kubelet, kubelet_dir, config_file
+# SIGINT (Ctrl-C on a foreground run, or a runtime configured with STOPSIGNAL
+# SIGINT) must be a clean stop like SIGTERM, not a KeyboardInterrupt traceback.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_on_the_daemon_exits_cleanly_and_removes_its_sockets(
+    kubelet, kubelet_dir, config_file, sig
 ):
     proc, cdi = _serve(kubelet_dir, config_file)
     try:
         endpoints = [kubelet.wait_registered(name, timeout=30) for name in RESOURCES]
         assert socket_names(kubelet_dir) == {"kubelet.sock", *(e.socket for e in endpoints)}
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
     finally:
@@ -166,7 +227,7 @@ def test_sigterm_on_the_daemon_exits_cleanly_and_removes_its_sockets(
     assert socket_names(kubelet_dir) == {"kubelet.sock"}
     assert sorted(os.listdir(kubelet_dir)) == ["kubelet.sock"]
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert any("received SIGTERM" in line["msg"] for line in lines)
+    assert any(f"received {sig.name}" in line["msg"] for line in lines)
     assert not [line for line in lines if line["level"] in ("error", "critical")]
 
 

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.kubelet import KubeletStandIn, is_extended_resource_name, socket_names
 from device_plugin import api, cli, model
@@ -92,6 +93,48 @@ def test_kubelet_restart_re_registers_on_a_new_socket(kubelet, run_manager):
         assert again.socket in socket_names(kubelet.directory)
         assert first.socket not in socket_names(kubelet.directory)
         first = again
+
+
+def test_kubelet_sock_recreated_alone_re_registers(kubelet, kubelet_dir):
+    # A kubelet restart also wipes our socket and ends our stream, and either makes
+    # us re-register; here only kubelet.sock comes back, with the safety checks an
+    # hour away, so only the kubelet.sock watch can bring the new registration.
+    manager = PluginManager(
+        FakeCatalog([FakeResource("hostkit.io/fake", [unit("a")])]),
+        kubelet_dir,
+        safety_interval=3600.0,
+        idle_interval=3600.0,
+    )
+    manager.start()
+    try:
+        first = kubelet.wait_registered("hostkit.io/fake")
+        kubelet.recreate_socket()
+        again = kubelet.wait_registered("hostkit.io/fake", not_socket=first.socket)
+        assert again.snapshots[-1].healthy() == {"a"}
+        assert manager.servers["hostkit.io/fake"].reregister_reasons == ["kubelet.sock created"]
+        assert first.socket not in socket_names(kubelet_dir)
+    finally:
+        manager.stop()
+
+
+def test_the_plugin_socket_serves_grpc_health_until_it_stops(kubelet, run_manager):
+    manager = run_manager(FakeResource("hostkit.io/fake", [unit("a")]))
+    endpoint = kubelet.wait_registered("hostkit.io/fake")
+    path = os.path.join(kubelet.directory, endpoint.socket)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(f"unix://{path}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "v1beta1.DevicePlugin"):
+            check = health_pb2.HealthCheckRequest(service=service)
+            assert stub.Check(check, timeout=5).status == serving, service
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="v1beta1.DevicePlugin"),
+                           timeout=30)
+        assert next(watch).status == serving
+        manager.stop()
+        # A watcher is told before the server goes (graceful shutdown), then the
+        # socket is gone: no client can find a half-stopped plugin.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not os.path.exists(path)
 
 
 def test_own_socket_deleted_re_registers(kubelet, run_manager):

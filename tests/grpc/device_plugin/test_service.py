@@ -225,7 +225,8 @@ def test_a_later_snapshot_over_4mib_ends_the_stream_with_a_clear_error(kubelet, 
     first = kubelet.wait_registered(NAME)
     resource.set_units(_oversized())
     kubelet.wait_for(lambda: first.disconnected, 20, "the stream to end")
-    assert "RESOURCE_EXHAUSTED" in first.stream_error
+    assert first.stream_error.startswith(f"RESOURCE_EXHAUSTED: ListAndWatch snapshot of {NAME} ")
+    assert "over the kubelet's 4194304-byte message limit" in first.stream_error
     # The kubelet keeps the old IDs but marks them unhealthy; nothing oversized arrived.
     assert first.snapshots[-1].unhealthy() == {"a", "b", "c", "d"}
     resource.set_units([unit("z")])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from device_plugin import identity
@@ -67,12 +67,16 @@ def test_partitions_of_one_serial_disk_differ():
 
 
 @given(st.text(min_size=1, max_size=300), st.text(max_size=300), st.integers(1, 10_000))
+@example("ttyLONG" * 40, "devices/" * 30, 10_000)  # the longest readable prefix, always tried
 def test_any_kernel_name_gives_a_valid_id(kernel, path, share):
     dev = DeviceInfo("/sys/" + path, "x", None, kernel, "/dev/x")
     base = identity.device_id(dev)
     assert identity.is_valid_id(base)
+    # The kubelet's limit itself, not the module's constant: a raised constant must fail.
+    assert len(base) <= 63
     for unit_id in identity.share_ids(base, share)[-2:]:
         assert identity.is_valid_id(unit_id), unit_id
+        assert len(unit_id) <= 63, unit_id
 
 
 def test_share_ids():
