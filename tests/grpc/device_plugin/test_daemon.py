@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -229,6 +230,32 @@ def test_a_stop_signal_on_the_daemon_exits_cleanly_and_removes_its_sockets(
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any(f"received {sig.name}" in line["msg"] for line in lines)
     assert not [line for line in lines if line["level"] in ("error", "critical")]
+
+
+def test_a_sigterm_that_lands_on_another_thread_still_stops_the_daemon(
+    kubelet, kubelet_dir, config_file
+):
+    # A signal sent to a process may be taken by any of its threads (the kernel
+    # picks one that does not block it).  Aim it at a thread other than the main
+    # one with tgkill: the main thread, asleep in its wait, must still wake.
+    proc, cdi = _serve(kubelet_dir, config_file)
+    try:
+        for name in RESOURCES:
+            kubelet.wait_registered(name, timeout=30)
+        others = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        assert others, "the daemon runs more than one thread"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(proc.pid, others[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        shutil.rmtree(cdi, ignore_errors=True)
+    assert socket_names(kubelet_dir) == {"kubelet.sock"}
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("received SIGTERM" in line["msg"] for line in lines)
 
 
 def test_bad_config_exits_2_naming_the_key(kubelet_dir, tmp_path_factory):
