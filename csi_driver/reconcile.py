@@ -52,6 +52,13 @@ def find_orphans(volumes: VolumeService) -> list[Orphan]:
         for target in rec.publications:
             if not mounts.is_mountpoint(target):
                 found.append(Orphan("stale-publication", rec.pool, target, f"volume {rec.id}"))
+    for snap in store.snapshots():
+        if snap.state == CREATING:
+            found.append(Orphan("incomplete-snapshot", snap.pool, snap.id,
+                                f"name {snap.name}; a CreateSnapshot retry finishes it"))
+        elif snap.state == DELETING:
+            found.append(Orphan("incomplete-snapshot-delete", snap.pool, snap.id,
+                                f"name {snap.name}; a DeleteSnapshot retry finishes it"))
     for path in store.unreadable:
         found.append(Orphan("unreadable-record", "", path))
     return found

@@ -39,7 +39,7 @@ from csi_driver import disks, filesystems, mounts
 from csi_driver.config import PoolConfig
 from csi_driver.pools.base import Capacity, Orphan, compute_capacity
 from csi_driver.pools.imagefile import ImagePool
-from csi_driver.store import VolumeRecord
+from csi_driver.store import READY, VolumeRecord
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     FailedPrecondition,
@@ -427,7 +427,7 @@ class DiskPool:
                 found += sub.orphans(records, snapshot_paths)
             return found
         for rec in mine:
-            if rec.state != "creating" and not self.backing_exists(rec):
+            if rec.state == READY and not self.backing_exists(rec):
                 found.append(Orphan("record-without-disk", self.name, rec.backing,
                                     f"volume {rec.id} ({rec.name})"))
         return found

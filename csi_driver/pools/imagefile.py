@@ -25,7 +25,7 @@ import threading
 from csi_driver import filesystems, loop
 from csi_driver.config import PoolConfig
 from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
-from csi_driver.store import VolumeRecord, fsync_dir
+from csi_driver.store import READY, VolumeRecord, fsync_dir
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     Internal,
@@ -203,7 +203,9 @@ class ImagePool:
                 elif path not in known:
                     found.append(Orphan("image-without-record", self.name, path))
         for path, rec in mine.items():
-            if rec.state != "creating" and not os.path.isfile(path):
+            # A create or delete cut short is reported as such by reconcile; only a
+            # ready volume without its image is drift.
+            if rec.state == READY and not os.path.isfile(path):
                 found.append(Orphan("record-without-image", self.name, path,
                                     f"volume {rec.id} ({rec.name})"))
         staged = {self.image_path(r.id) for r in records if r.staging is not None}

@@ -4,7 +4,7 @@ For each kind ``csi_driver.reconcile`` (and the image pool's ``orphans``) can
 report, the test makes the drift the way it arises on a real node:
 
 - by killing the driver at the crash point that leaves it (a "creating" or
-  "deleting" record, a loop device attached by a stage that never recorded it,
+  "deleting" volume or snapshot record, a loop device attached by a stage that never recorded it,
   a publication whose bind mount is gone), or
 - by hand where only something outside the driver can cause it (an image
   removed or a record lost by an operator, a record corrupted on disk, the
@@ -33,11 +33,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from csi_driver import loop
+from csi_driver._proto import csi_pb2
 from tests.grpc.csi.driver_harness import (
     ROOT,
     DriverProcess,
@@ -64,6 +66,8 @@ class Drift:
     files: dict[str, bytes] = field(default_factory=dict)  # path -> exact content kept
     dirs: list[str] = field(default_factory=list)
     loops: dict[str, str] = field(default_factory=dict)  # device -> its backing file
+    # Kinds that must NOT be reported for this object (a single cause, a single finding).
+    not_kinds: list[str] = field(default_factory=list)
 
     @property
     def volume_dir(self) -> Path:
@@ -205,6 +209,48 @@ def _record_not_a_record(d: Drift) -> None:
     d.keep(record, d.image(vid))
 
 
+def _incomplete_delete_image_gone(d: Drift) -> None:
+    """kill -9 after DeleteVolume removed the image, before it removed the record: an
+    interrupted delete, not a volume that lost its data."""
+    vid = _ready_volume(d)
+    _crash(d.driver, "delete.after_remove_image", lambda: d.driver.csi().delete(vid))
+    assert not d.image(vid).exists()
+    d.kind, d.path = "incomplete-delete", vid
+    d.not_kinds = ["record-without-image"]
+    d.keep(d.record(vid))
+
+
+def _snapshot(d: Drift, vid: str) -> Any:
+    request = csi_pb2.CreateSnapshotRequest(source_volume_id=vid, name=f"snap-{vid}")
+    return d.driver.csi().controller.CreateSnapshot(request, timeout=60)
+
+
+def _snapshot_record(d: Drift) -> Path:
+    (record,) = (d.driver.state_dir / "snapshots").glob("snap-*.json")
+    return record
+
+
+def _incomplete_snapshot(d: Drift) -> None:
+    """kill -9 after CreateSnapshot made its "creating" snapshot record."""
+    vid = _ready_volume(d)
+    _crash(d.driver, "snapshot.after_record", lambda: _snapshot(d, vid))
+    record = _snapshot_record(d)
+    d.kind, d.path = "incomplete-snapshot", record.stem
+    d.keep(record, d.record(vid), d.image(vid))
+
+
+def _incomplete_snapshot_delete(d: Drift) -> None:
+    """kill -9 after DeleteSnapshot marked its record "deleting"."""
+    vid = _ready_volume(d)
+    snap_id = _snapshot(d, vid).snapshot.snapshot_id
+    request = csi_pb2.DeleteSnapshotRequest(snapshot_id=snap_id)
+    _crash(d.driver, "delete_snapshot.after_mark",
+           lambda: d.driver.csi().controller.DeleteSnapshot(request, timeout=60))
+    record = _snapshot_record(d)
+    d.kind, d.path = "incomplete-snapshot-delete", snap_id
+    d.keep(record, d.record(vid), d.image(vid))
+
+
 # scenario -> the kind of finding it must produce
 SCENARIOS: dict[str, tuple[str, Callable[[Drift], None]]] = {
     "record-without-image": ("record-without-image", _record_without_image),
@@ -213,6 +259,9 @@ SCENARIOS: dict[str, tuple[str, Callable[[Drift], None]]] = {
     "partial-image": ("partial-image", _partial_image),
     "incomplete-create": ("incomplete-create", _incomplete_create),
     "incomplete-delete": ("incomplete-delete", _incomplete_delete),
+    "incomplete-delete-image-gone": ("incomplete-delete", _incomplete_delete_image_gone),
+    "incomplete-snapshot": ("incomplete-snapshot", _incomplete_snapshot),
+    "incomplete-snapshot-delete": ("incomplete-snapshot-delete", _incomplete_snapshot_delete),
     "stale-publication": ("stale-publication", _stale_publication),
     "unreadable-record": ("unreadable-record", _unreadable_record),
     "record-not-a-record": ("unreadable-record", _record_not_a_record),
@@ -257,6 +306,8 @@ def test_reconcile_reports_drift_and_deletes_nothing(drift_driver: DriverProcess
     assert isinstance(findings, list)
     assert [f for f in findings if f["kind"] == kind and f["path"] == d.path
             and f["pool"] == pool], findings
+    for other in d.not_kinds:
+        assert not [f for f in findings if f["kind"] == other], findings
 
     # Nothing was deleted, detached or rewritten.
     for path, content in d.files.items():
