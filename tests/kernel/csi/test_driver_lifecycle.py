@@ -1,7 +1,8 @@
 """The driver process's own lifecycle, and how its images sit on the pool filesystem.
 
-* Probe says ready=false while the pools are still being prepared, and ready
-  once they are (csi.md 1.3: the livenessprobe and the kubelet wait on it).
+* Probe says ready=false while the pools are still being prepared or the
+  start-up reconcile has not run, and ready once both are done (csi.md 1.3:
+  the livenessprobe and the kubelet wait on it).
 * SIGTERM stops the driver gracefully: a call in flight completes, the socket
   is removed, the process logs the signal and exits 0.
 * thick volumes are preallocated and thin ones sparse.
@@ -36,8 +37,11 @@ from plugin_runtime import commands
 from tests.grpc.csi.driver_harness import (
     Csi,
     DriverProcess,
+    KubeletLayout,
     MiB,
     cap_for,
+    cleanup_kernel_objects,
+    loops_backed_by,
     mounts_under,
 )
 
@@ -55,18 +59,23 @@ def _poll(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-class FreezablePool:
-    """A driver whose only pool is on an ext4 filesystem the test can freeze."""
+class FreezableFs:
+    """A driver with a small ext4 filesystem of the test's own that it can freeze.
 
-    def __init__(self, base: Path) -> None:
+    ``holds="pool"``: the driver's only pool lives on it.  ``holds="records"``: the
+    directory of volume records (``<state>/volumes``) does, through a symlink, while
+    the default pool stays on the host filesystem.
+    """
+
+    def __init__(self, base: Path, holds: str) -> None:
         self.driver = DriverProcess(base=base, node_id="node-frz")
         state = self.driver.state_dir
         state.mkdir(parents=True)
-        image = state / "poolfs.img"  # under the state dir: the harness detaches its loop
+        image = state / "frozenfs.img"  # under the state dir: the harness detaches its loop
         with open(image, "xb") as handle:
             handle.truncate(POOL_FS_BYTES)
         commands.run(["mkfs.ext4", "-q", "-F", str(image)], timeout=120)
-        self.mountpoint = state / "poolfs"
+        self.mountpoint = state / "frozenfs"
         self.mountpoint.mkdir()
         device = commands.run(["losetup", "-f", "--show", str(image)], timeout=30).stdout.strip()
         try:
@@ -75,10 +84,14 @@ class FreezablePool:
             commands.run(["losetup", "-d", device], timeout=30, check=False)
             raise
         self.frozen = False
-        self.driver.config = {"pools": [{
-            "name": "frz", "type": "image", "path": str(self.mountpoint / "pool"),
-            "reserve_percent": 0, "reserve_bytes": 0,
-        }]}
+        if holds == "pool":
+            self.driver.config = {"pools": [{
+                "name": "frz", "type": "image", "path": str(self.mountpoint / "pool"),
+                "reserve_percent": 0, "reserve_bytes": 0,
+            }]}
+        else:
+            (self.mountpoint / "volumes").mkdir()
+            (state / "volumes").symlink_to(self.mountpoint / "volumes")
 
     def freeze(self) -> None:
         commands.run(["fsfreeze", "--freeze", str(self.mountpoint)], timeout=30)
@@ -90,31 +103,35 @@ class FreezablePool:
             self.frozen = False
 
 
-@pytest.fixture
-def freezable() -> Iterator[FreezablePool]:
+@contextlib.contextmanager
+def freezable_fs(holds: str) -> Iterator[FreezableFs]:
     base = Path(tempfile.mkdtemp(prefix="csifrz", dir="/tmp"))
-    pool: FreezablePool | None = None
+    fs: FreezableFs | None = None
     try:
-        pool = FreezablePool(base)
-        yield pool
+        fs = FreezableFs(base, holds)
+        yield fs
     finally:
-        if pool is not None:
-            pool.thaw()  # first: a driver blocked on a frozen fs cannot even be killed
-            leftovers = pool.driver.cleanup()  # also unmounts the pool fs, detaches its loop
+        if fs is not None:
+            fs.thaw()  # first: a driver blocked on a frozen fs cannot even be killed
+            leftovers = fs.driver.cleanup()  # also unmounts the fs, detaches its loop
             if leftovers:
                 print(f"cleaned after the driver in {base}: {leftovers}")
         if not mounts_under(base):
             shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def freezable() -> Iterator[FreezableFs]:
+    with freezable_fs("pool") as fs:
+        yield fs
+
+
 def _probe(csi: Csi) -> Any:
     return csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=5)
 
 
-def test_probe_is_not_ready_until_the_pools_are_prepared(freezable: FreezablePool):
-    driver = freezable.driver
-    freezable.freeze()  # the pool's start (mkdir of its directories) now sleeps
-    driver.start(wait=False)
+def _first_probe(driver: DriverProcess) -> Any:
+    """The first Probe answer of a driver started with ``wait=False`` (bounded)."""
     answers: list[Any] = []
 
     def answered() -> bool:
@@ -128,7 +145,14 @@ def test_probe_is_not_ready_until_the_pools_are_prepared(freezable: FreezablePoo
 
     # The socket is served at once, before the pools are ready (server.py).
     _poll("the first Probe answer", answered)
-    first = answers[-1]
+    return answers[-1]
+
+
+def test_probe_is_not_ready_until_the_pools_are_prepared(freezable: FreezableFs):
+    driver = freezable.driver
+    freezable.freeze()  # the pool's start (mkdir of its directories) now sleeps
+    driver.start(wait=False)
+    first = _first_probe(driver)
     assert first.HasField("ready"), "Probe must say ready=false explicitly while preparing"
     assert first.ready.value is False
     # Other calls are served meanwhile (the kubelet and sidecars connect at once).
@@ -142,8 +166,53 @@ def test_probe_is_not_ready_until_the_pools_are_prepared(freezable: FreezablePoo
     assert "driver ready" in driver.log_path.read_text(errors="replace")
 
 
+def test_probe_is_not_ready_until_reconcile_has_run():
+    """Pools ready, reconcile not done: still not ready.
+
+    After a "reboot" (mounts and loop devices gone) reconcile re-attaches the loop
+    device of a staged volume and records the new device; with the records on a
+    frozen filesystem that write sleeps, so reconcile is held after the pools are up
+    (the placeholder loop device is detached by the harness: its file is under the
+    state dir).
+    """
+    with freezable_fs("records") as fs:
+        driver = fs.driver
+        driver.start()
+        csi, kubelet = driver.csi(), KubeletLayout(driver.kubelet_root)
+        vol = csi.create("pvc-staged", size=16 * MiB, kind="block")
+        csi.stage(vol.volume_id, kubelet.block_staging("pv-staged"), cap_for("block"))
+        driver.kill9()
+        # "Reboot": the kubelet's mounts and the pool's loop devices are gone.
+        gone = cleanup_kernel_objects([driver.kubelet_root], driver.state_dir / "pools")
+        old = [c.split()[1] for c in gone if c.startswith("loop ")]
+        assert len(old) == 1, gone
+        # As after a real reboot, the old loop device is not free for the volume
+        # (here: another image holds it), so reconcile must record a new device.
+        placeholder = driver.state_dir / "placeholder.img"
+        with open(placeholder, "xb") as handle:
+            handle.truncate(MiB)
+        commands.run(["losetup", old[0], str(placeholder)], timeout=30, check=False)
+        fs.freeze()
+        driver.start(wait=False)
+        first = _first_probe(driver)
+        assert first.HasField("ready") and first.ready.value is False
+        # The pool itself is ready: GetCapacity answers 0 for a pool that is not.
+        cap = csi_pb2.GetCapacityRequest(volume_capabilities=[cap_for("block")])
+        _poll("the pool to be ready",
+              lambda: driver.csi().controller.GetCapacity(cap, timeout=5).available_capacity > 0)
+        assert _probe(driver.csi()).ready.value is False
+        fs.thaw()
+        driver.wait_ready(timeout=60)
+        assert _probe(driver.csi()).ready.value is True
+        # Reconcile did its work: the staged volume's loop device is back.
+        assert len(loops_backed_by(driver.state_dir / "pools")) == 1
+        csi = driver.csi()
+        csi.unstage(vol.volume_id, kubelet.block_staging("pv-staged"))
+        csi.delete(vol.volume_id)
+
+
 def test_sigterm_lets_an_in_flight_create_finish_then_exits_cleanly(
-    freezable: FreezablePool,
+    freezable: FreezableFs,
 ):
     driver = freezable.driver
     driver.start()
