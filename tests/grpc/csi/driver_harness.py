@@ -318,6 +318,7 @@ class DriverProcess:
     node_id: str = "node-a"
     config: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)  # e.g. --metrics-address
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     starts: int = 0
@@ -350,7 +351,7 @@ class DriverProcess:
             config_file = self.base / "config.yaml"
             config_file.write_text(json.dumps(self.config))  # JSON is YAML
             argv += ["--config", str(config_file)]
-        return argv
+        return argv + self.extra_args
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> None:
         """Start the driver; with ``wait``, until Probe answers ready (bounded)."""
@@ -443,11 +444,12 @@ class DriverProcess:
 @contextlib.contextmanager
 def running_driver(
     node_id: str = "node-a", config: Callable[[Path], dict[str, Any]] | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
 ) -> Iterator[DriverProcess]:
     """A started driver in a fresh short /tmp dir; everything is cleaned up after."""
     base = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
-    driver = DriverProcess(base=base, node_id=node_id, env=dict(env or {}))
+    driver = DriverProcess(base=base, node_id=node_id, env=dict(env or {}),
+                           extra_args=list(extra_args))
     if config is not None:
         driver.config = config(base)
     try:

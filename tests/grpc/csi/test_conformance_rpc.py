@@ -7,7 +7,10 @@ here mounts or attaches: every request is either informational or invalid.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +29,7 @@ from tests.grpc.csi.driver_harness import (
     expect_code,
     expect_ok_or,
     mount_cap,
+    running_driver,
     topology,
 )
 
@@ -396,9 +400,12 @@ def test_unsupported_capability_fs_type_is_invalid(csi: Csi):
 
 
 def test_capacity_range_limits(csi: Csi):
+    # Every capacity_range the driver cannot honour is the spec's "unsupported
+    # capacity_range" row of CreateVolume: OUT_OF_RANGE (csi.md 1.3), not the
+    # generic INVALID_ARGUMENT.
     # limit below required: an unsatisfiable range.
-    expect_ok_or(
-        {Code.OUT_OF_RANGE, Code.INVALID_ARGUMENT}, csi.controller.CreateVolume,
+    expect_code(
+        Code.OUT_OF_RANGE, csi.controller.CreateVolume,
         _create("pvc-range-a", cr=csi_pb2.CapacityRange(required_bytes=128 * MiB,
                                                          limit_bytes=64 * MiB)),
     )
@@ -407,10 +414,15 @@ def test_capacity_range_limits(csi: Csi):
         Code.OUT_OF_RANGE, csi.controller.CreateVolume,
         _create("pvc-range-b", cr=csi_pb2.CapacityRange(limit_bytes=1)),
     )
-    # Negative sizes are invalid.
-    expect_ok_or(
-        {Code.OUT_OF_RANGE, Code.INVALID_ARGUMENT}, csi.controller.CreateVolume,
+    # Negative sizes ("MUST NOT be negative" in csi.proto) are a range no volume has.
+    expect_code(
+        Code.OUT_OF_RANGE, csi.controller.CreateVolume,
         _create("pvc-range-c", cr=csi_pb2.CapacityRange(required_bytes=-5)),
+    )
+    expect_code(
+        Code.OUT_OF_RANGE, csi.controller.CreateVolume,
+        _create("pvc-range-d", cr=csi_pb2.CapacityRange(required_bytes=64 * MiB,
+                                                         limit_bytes=-1)),
     )
 
 
@@ -449,6 +461,29 @@ def test_get_capacity_reports_sizes(csi: Csi, driver: DriverProcess):
     # No topology at all: the node's own capacity.
     plain = csi.controller.GetCapacity(csi_pb2.GetCapacityRequest(), timeout=10)
     assert plain.available_capacity > 0
+
+
+# The smallest volume of each kind: what each mkfs accepts (ext4 1 MiB, xfs 300 MiB,
+# btrfs 109 MiB) and one 4 KiB block for raw block volumes.  The default fsType is ext4.
+MINIMUM_SIZES = [
+    (mount_cap(), {}, 1 << 20),
+    (mount_cap(fs_type="ext4"), {}, 1 << 20),
+    (mount_cap(fs_type="xfs"), {}, 300 << 20),
+    (mount_cap(fs_type="btrfs"), {}, 114294784),
+    (mount_cap(), {"fsType": "xfs"}, 300 << 20),
+    (block_cap(), {}, 4096),
+]
+
+
+@pytest.mark.parametrize(("cap", "parameters", "minimum"), MINIMUM_SIZES,
+                         ids=["default", "ext4", "xfs", "btrfs", "xfs-param", "block"])
+def test_get_capacity_minimum_volume_size_per_fs_type(
+    csi: Csi, cap: Any, parameters: dict[str, str], minimum: int
+):
+    resp = csi.controller.GetCapacity(
+        csi_pb2.GetCapacityRequest(volume_capabilities=[cap], parameters=parameters), timeout=10)
+    assert resp.HasField("minimum_volume_size")
+    assert resp.minimum_volume_size.value == minimum
 
 
 def test_get_capacity_elsewhere_is_zero(csi: Csi):
@@ -494,3 +529,59 @@ def test_multi_node_writers_are_refused(csi: Csi, mode: int):
     # A node-local volume cannot be written from several nodes.
     expect_code(Code.INVALID_ARGUMENT, csi.controller.CreateVolume,
                 _create("pvc-multinode", cap=mount_cap(mode=mode)))
+
+
+# ---------------------------------------------------------------------------
+# A driver with its own config: the node's volume limit and the RPC metrics
+# ---------------------------------------------------------------------------
+
+VOLUME_LIMIT = 7
+
+
+@pytest.fixture(scope="module")
+def configured() -> Iterator[DriverProcess]:
+    """A driver with max_volumes_per_node set and /metrics on a free local port."""
+
+    def config(base: Path) -> dict[str, Any]:
+        return {"max_volumes_per_node": VOLUME_LIMIT,
+                "pools": [{"name": "p", "type": "image", "path": str(base / "state" / "p")}]}
+
+    with running_driver(node_id="node-cfg", config=config,
+                        extra_args=("--metrics-address", "127.0.0.1:0")) as proc:
+        yield proc
+
+
+def test_node_get_info_reports_the_configured_volume_limit(configured: DriverProcess):
+    info = configured.csi().node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+    # The kubelet copies this into CSINode's allocatable count (csi.md 2.1).
+    assert info.max_volumes_per_node == VOLUME_LIMIT
+    assert info.node_id == "node-cfg"
+
+
+def _metrics_port(driver: DriverProcess) -> int:
+    found = re.search(r"serving metrics on \S+:(\d+)", driver.log_path.read_text(errors="replace"))
+    assert found, f"the driver did not log its metrics port:\n{driver.log_tail()}"
+    return int(found.group(1))
+
+
+def _rpc_total(port: int, method: str, code: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    wanted = {"service": "csi.v1.Controller", "method": method, "code": code}
+    for line in text.splitlines():
+        found = re.fullmatch(r"hostkit_rpc_total\{(.*)\} (\S+)", line)
+        if found and dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) == wanted:
+            return float(found.group(2))
+    return 0.0
+
+
+def test_not_found_is_counted_by_code_in_the_rpc_metrics(configured: DriverProcess):
+    port = _metrics_port(configured)
+    csi = configured.csi()
+    before = _rpc_total(port, "ControllerGetVolume", "NOT_FOUND")
+    for _ in range(2):
+        expect_code(Code.NOT_FOUND, csi.controller.ControllerGetVolume,
+                    csi_pb2.ControllerGetVolumeRequest(volume_id=UNKNOWN_VOLUME))
+    assert _rpc_total(port, "ControllerGetVolume", "NOT_FOUND") == before + 2
+    # Counted under its own code only.
+    assert _rpc_total(port, "ControllerGetVolume", "OK") == 0

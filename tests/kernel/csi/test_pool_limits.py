@@ -1,4 +1,4 @@
-"""Out of space and capacity honesty on a tiny thick pool.
+"""Out of space and capacity honesty on a tiny pool (thick by default, overcommit 2).
 
 The pool directory is a 64 MiB tmpfs mounted by the test under the driver's
 state dir (so the harness unmounts it even on failure).  Nothing is ever
@@ -28,6 +28,7 @@ from tests.grpc.csi.driver_harness import (
 )
 
 POOL_BYTES = 64 * MiB
+OVERCOMMIT = 2
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def tiny() -> Iterator[DriverProcess]:
                  timeout=30)
     driver = DriverProcess(base=base, node_id="node-tiny", config={
         "pools": [{"name": "tiny", "type": "image", "path": str(pool), "thin": False,
-                   "reserve_percent": 0, "reserve_bytes": 0}],
+                   "overcommit_ratio": OVERCOMMIT, "reserve_percent": 0, "reserve_bytes": 0}],
     })
     try:
         driver.start()
@@ -58,6 +59,26 @@ def test_capacity_reports_the_tiny_pool(tiny: DriverProcess):
     assert 0 < resp.available_capacity <= POOL_BYTES
     assert resp.HasField("maximum_volume_size")
     assert 0 < resp.maximum_volume_size.value <= POOL_BYTES
+
+
+@pytest.mark.parametrize(
+    ("parameters", "available"),
+    [({"thin": "true"}, OVERCOMMIT * POOL_BYTES), ({"thin": "false"}, POOL_BYTES),
+     ({}, POOL_BYTES)],
+    ids=["thin", "thick", "pool-default-thick"],
+)
+def test_capacity_honours_the_thin_parameter(
+    tiny: DriverProcess, parameters: dict[str, str], available: int
+):
+    """An empty tmpfs pool: thin promises (size - reserve) x overcommit, thick only the
+    real free space; a single volume is bounded by the real free space either way."""
+    csi = tiny.csi()
+    resp = csi.controller.GetCapacity(
+        csi_pb2.GetCapacityRequest(volume_capabilities=[block_cap()],
+                                   parameters={"pool": "tiny", **parameters}),
+        timeout=10)
+    assert resp.available_capacity == available
+    assert resp.maximum_volume_size.value == POOL_BYTES
 
 
 @pytest.mark.parametrize("cap", [mount_cap(), block_cap()], ids=["mount", "block"])
