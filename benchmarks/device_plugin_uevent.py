@@ -5,9 +5,10 @@ Needs root.  Creates a 1 MiB loop device of its own and runs the real daemon
 with a config matching only that loop device, whose health probe reads the
 device's sysfs ``ro`` attribute.  Each event flips the device's read-only flag
 (BLKROSET) and writes ``change`` to /sys/class/block/loopN/uevent: a real kernel
-uevent, which the daemon turns into a re-enumeration, a health flip and a new
-full snapshot.  Timed from just before the flip to the stand-in receiving the
-snapshot.  The loop device is detached in every case.
+uevent, which the daemon turns into a re-read of that one device (not of the
+whole block subsystem), a health flip and a new full snapshot.  Timed from just
+before the flip to the stand-in receiving the snapshot.  The loop device is
+detached in every case.
 
 Run: ``python -m benchmarks.device_plugin_uevent [events]`` (default 150, bounded
 to about 60 s).

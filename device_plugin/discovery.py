@@ -13,12 +13,39 @@ Order of operations, so no event can fall between listing and watching:
 
 The event source is chosen at run time: ``udev`` when ``/run/udev`` exists
 (udevd runs, properties such as ID_SERIAL and DEVLINKS are complete),
-``kernel`` otherwise; the choice is logged.  ``add``, ``remove``, ``change``
-(loop attach/detach only emit ``change``) and every other action are treated
-alike: discovery is level-triggered.  After the first event of a burst it keeps
-draining until the socket stays quiet for ``coalesce_seconds`` (bounded by
-``max_coalesce_seconds``), then re-enumerates the affected subsystems and
-publishes the whole inventory once.
+``kernel`` otherwise; the choice is logged.  After the first event of a burst
+the thread keeps draining until the socket stays quiet for ``coalesce_seconds``
+(bounded by ``max_coalesce_seconds``), then updates its inventory once and
+publishes all of it.
+
+Targeted updates: the inventory is kept per device (``Inventory``: per
+subsystem, sysfs path -> ``DeviceInfo``), and a burst re-reads only the devices
+its events name, plus the inventory entries below them (children, whose
+ancestor data may have changed).  A device that no longer exists, or that
+``device_info`` now rejects, is dropped.  Work per event is thus proportional
+to the devices it names, not to the size of the subsystem: a node with hundreds
+of block devices (disks, partitions, loop devices of snaps and containers)
+must not pay for all of them on every ``change``.
+
+The update stays level-triggered: the action never decides the result, the
+device's state in sysfs does.  A real ``remove`` is dropped because the
+kernel deletes the device node (and udevd its symlinks) before it sends the
+event, so the re-read finds nothing; a synthetic one (``echo remove >
+.../uevent``) leaves the device in sysfs and in the inventory, exactly as a full
+enumeration would.  ``add``, ``change`` (loop attach/detach only emit
+``change``), ``bind``, ``online`` and the rest are re-reads alike.
+
+Fallback to full enumeration where a targeted update cannot be trusted or
+would cost more: an event without a subsystem, a receive error (socket
+overflow: events were lost) and a ``move`` (a rename: the old path and the
+paths of its children in other subsystems are stale) re-enumerate every
+watched subsystem; an event without a sysfs path re-enumerates its subsystem;
+a burst naming more than ``MAX_TARGETED_DEVICES`` devices re-enumerates the
+subsystems it touched (one listing is cheaper than that many lookups).  The
+initial enumeration, a reconfigure and the safety-net resync are full
+enumerations too.  Either way the sink gets the same inventory, sorted by
+subsystem and sysfs path, that a full enumeration of the same system state
+gives.
 
 Latency hook: the sink receives the monotonic time at which the first uevent of
 the burst was read (None for the initial enumeration and resyncs); the registry
@@ -39,7 +66,8 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyudev
@@ -56,6 +84,8 @@ MAX_PROPERTY_CHARS = 4096
 # Whole device subtrees are never this deep; bounds a corrupt parent chain.
 MAX_ANCESTORS = 32
 RESTART_DELAY = 1.0
+# A burst naming more devices than this re-enumerates the subsystems it touched.
+MAX_TARGETED_DEVICES = 64
 
 
 def default_source() -> str:
@@ -166,7 +196,22 @@ def enumerate_devices(
                 continue
             if info is not None and info.subsystem is not None:
                 found.setdefault(info.subsystem, []).append(info)
-    return {k: tuple(v) for k, v in found.items()}
+    return {k: tuple(sorted(v, key=lambda d: d.sys_path)) for k, v in found.items()}
+
+
+def read_device(context: Any, sys_path: str, needs: AttributeNeeds) -> DeviceInfo | None:
+    """The ``DeviceInfo`` of the device at ``sys_path`` as sysfs shows it now; None
+    when it does not exist (any more) or ``device_info`` rejects it."""
+    try:
+        device = pyudev.Devices.from_sys_path(context, sys_path)
+    except (pyudev.DeviceNotFoundError, OSError, UnicodeDecodeError, ValueError) as exc:
+        log.debug("device %s is gone: %s", sys_path, exc)
+        return None
+    try:
+        return device_info(device, needs)
+    except Exception as exc:  # one odd device must not stop discovery
+        log.warning("skipping device %s: %s", sys_path, exc)
+        return None
 
 
 def _safe_iter(listing: Iterable[Any]) -> Iterable[Any]:
@@ -178,6 +223,101 @@ def _safe_iter(listing: Iterable[Any]) -> Iterable[Any]:
             return
         except (pyudev.DeviceNotFoundError, OSError, UnicodeDecodeError, ValueError) as exc:
             log.debug("device vanished during enumeration: %s", exc)
+
+
+@dataclass
+class Burst:
+    """What one coalesced burst of uevents touched.
+
+    ``devices``: sysfs path -> subsystem of each device an event named, for a
+    targeted re-read; ``rescan``: subsystems to re-enumerate in full; ``rescan_all``:
+    re-enumerate every watched subsystem (events lost, a rename, no subsystem).
+    """
+
+    devices: dict[str, str] = field(default_factory=dict)
+    rescan: set[str] = field(default_factory=set)
+    rescan_all: bool = False
+
+    def empty(self) -> bool:
+        return not (self.devices or self.rescan or self.rescan_all)
+
+    def add(self, subsystem: str | None, action: str, sys_path: str | None) -> None:
+        """Record one uevent."""
+        if not subsystem or action == "move":
+            self.rescan_all = True
+        elif not sys_path or subsystem in self.rescan:
+            self.rescan.add(subsystem)
+        else:
+            self.devices[sys_path] = subsystem
+            if len(self.devices) > MAX_TARGETED_DEVICES:
+                self.rescan.update(self.devices.values())
+                self.devices.clear()
+
+
+class Inventory:
+    """Discovery's current devices: per subsystem, sysfs path -> ``DeviceInfo``."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, dict[str, DeviceInfo]] = {}
+
+    def replace(self, found: Mapping[str, Iterable[DeviceInfo]],
+                subsystems: Iterable[str] | None) -> None:
+        """Adopt an enumeration of ``subsystems`` (None: of everything)."""
+        if subsystems is None:
+            self._groups.clear()
+        else:
+            for s in subsystems:
+                self._groups.pop(s, None)
+        for s, infos in found.items():
+            self._groups[s] = {d.sys_path: d for d in infos}
+
+    def refresh(self, context: Any, sys_paths: Iterable[str],
+                subsystems: frozenset[str] | None, needs: AttributeNeeds) -> None:
+        """Re-read the devices at ``sys_paths`` and every known device below them
+        (only devices of ``subsystems`` are kept, None: of any subsystem)."""
+        named = set(sys_paths)
+        targets = set(named)
+        for group in self._groups.values():
+            targets.update(known for known in group if _below(known, named))
+        for path in sorted(targets):
+            for group in self._groups.values():
+                group.pop(path, None)
+            info = read_device(context, path, needs)
+            if info is None or info.subsystem is None:
+                continue
+            if subsystems is not None and info.subsystem not in subsystems:
+                continue
+            self._groups.setdefault(info.subsystem, {})[info.sys_path] = info
+
+    def apply(self, context: Any, burst: Burst, subsystems: frozenset[str] | None,
+              needs: AttributeNeeds) -> None:
+        """Bring the devices ``burst`` touched up to date (see the module docstring)."""
+        if burst.rescan_all:
+            self.replace(enumerate_devices(context, subsystems, needs), subsystems)
+            return
+        if burst.rescan:
+            self.replace(enumerate_devices(context, burst.rescan, needs), burst.rescan)
+        targeted = [p for p, s in burst.devices.items() if s not in burst.rescan]
+        if targeted:
+            self.refresh(context, targeted, subsystems, needs)
+
+    def devices(self) -> tuple[DeviceInfo, ...]:
+        """Every device, sorted by subsystem and sysfs path (as a full enumeration)."""
+        found: list[DeviceInfo] = []
+        for s in sorted(self._groups):
+            group = self._groups[s]
+            found.extend(group[path] for path in sorted(group))
+        return tuple(found)
+
+
+def _below(path: str, roots: set[str]) -> bool:
+    """Whether ``path`` lies strictly below one of ``roots`` (sysfs paths)."""
+    parent = os.path.dirname(path)
+    while len(parent) > 1:
+        if parent in roots:
+            return True
+        parent = os.path.dirname(parent)
+    return False
 
 
 class UdevDiscovery:
@@ -270,7 +410,7 @@ class UdevDiscovery:
 
     def _loop(self) -> None:
         context = pyudev.Context()
-        inventory: dict[str, tuple[DeviceInfo, ...]] = {}
+        inventory = Inventory()
         monitor: Any = None
         subsystems: frozenset[str] | None = None
         needs: AttributeNeeds | None = None
@@ -284,7 +424,7 @@ class UdevDiscovery:
                 # Monitor first, then enumerate: nothing falls in between.
                 monitor, subsystems = self._open(context, config)
                 needs = attribute_needs(config)
-                inventory = enumerate_devices(context, subsystems, needs)
+                inventory.replace(enumerate_devices(context, subsystems, needs), None)
                 self._publish(inventory, None)
                 next_resync = time.monotonic() + config.resync_seconds
                 self.ready.set()
@@ -300,26 +440,22 @@ class UdevDiscovery:
                 continue
             if monitor.fileno() in readable:
                 first_event = time.monotonic()
-                touched = self._drain(monitor, first_event)
-                if touched is not None and not touched:
+                burst = self._drain(monitor, first_event)
+                if burst.empty():
                     continue  # woken by an event of another subsystem, filtered out
-                if touched is None or subsystems is None:
-                    inventory = enumerate_devices(context, subsystems, needs)
-                else:
-                    inventory.update(enumerate_devices(context, touched, needs))
+                inventory.apply(context, burst, subsystems, needs)
                 self._publish(inventory, first_event)
                 continue
             with self._lock:
                 resync = self._config.resync_seconds
             log.debug("safety-net resync")
-            inventory = enumerate_devices(context, subsystems, needs)
+            inventory.replace(enumerate_devices(context, subsystems, needs), None)
             self._publish(inventory, None)
             next_resync = time.monotonic() + resync
 
-    def _drain(self, monitor: Any, started: float) -> set[str] | None:
-        """Read the burst; return the subsystems it touched (None: unknown, rescan all)."""
-        touched: set[str] = set()
-        unknown = False
+    def _drain(self, monitor: Any, started: float) -> Burst:
+        """Read the burst; return the devices and subsystems it touched."""
+        burst = Burst()
         deadline = started + self._max_coalesce
         timeout = 0.0
         while True:
@@ -328,11 +464,11 @@ class UdevDiscovery:
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 # e.g. ENOBUFS: the socket overflowed and events were lost; rescan all.
                 log.warning("uevent receive failed (%s); rescanning", exc)
-                unknown = True
+                burst.rescan_all = True
                 device = None
             if device is None:
                 remaining = deadline - time.monotonic()
-                if timeout > 0 or remaining <= 0 or not (touched or unknown):
+                if timeout > 0 or remaining <= 0 or burst.empty():
                     # Quiet after a burst, out of time, or only events the monitor's
                     # filter dropped (other subsystems): nothing more to wait for.
                     break
@@ -343,14 +479,10 @@ class UdevDiscovery:
             subsystem = _text(device.subsystem)
             action = _text(device.action) or "unknown"
             metrics.UEVENTS.labels(subsystem=subsystem or "", action=action).inc()
-            if subsystem:
-                touched.add(subsystem)
-            else:
-                unknown = True
+            burst.add(subsystem, action, _text(device.sys_path))
             if time.monotonic() >= deadline:
                 break
-        return None if unknown else touched
+        return burst
 
-    def _publish(self, inventory: dict[str, tuple[DeviceInfo, ...]], event: float | None) -> None:
-        devices = tuple(d for group in inventory.values() for d in group)
-        self._sink(devices, event)
+    def _publish(self, inventory: Inventory, event: float | None) -> None:
+        self._sink(inventory.devices(), event)
