@@ -31,9 +31,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        payload.update(_extras(record))
+        for key, value in _extras(record).items():
+            # An extra never overwrites a field every line has.
+            payload[f"extra_{key}" if key in payload else key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            payload["stack"] = self.formatStack(record.stack_info)
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 

@@ -85,6 +85,33 @@ def test_json_line_keeps_the_traceback_in_one_field():
     assert payload["exc"].endswith("ValueError: disk on fire")
 
 
+def test_json_extras_never_overwrite_the_standard_fields():
+    record = logging.makeLogRecord({
+        "name": "hostkit.test.logs", "levelno": logging.INFO, "levelname": "INFO",
+        "msg": "real message", "level": "fake", "ts": "never", "logger": "x",
+    })
+    payload = json.loads(logs.JsonFormatter().format(record))
+    assert payload["level"] == "info" and payload["logger"] == "hostkit.test.logs"
+    assert payload["ts"] != "never"
+    assert (payload["extra_level"], payload["extra_ts"], payload["extra_logger"]) == (
+        "fake", "never", "x")
+
+
+def test_json_line_keeps_a_stack_requested_with_stack_info():
+    logger = logging.getLogger("hostkit.test.logs.stack")
+    capture = _Capture()
+    logger.addHandler(capture)
+    logger.propagate = False
+    try:
+        logger.warning("where am I", stack_info=True)
+    finally:
+        logger.removeHandler(capture)
+        logger.propagate = True
+    payload = json.loads(logs.JsonFormatter().format(capture.records[0]))
+    assert payload["stack"].startswith("Stack (most recent call last):")
+    assert "test_json_line_keeps_a_stack_requested_with_stack_info" in payload["stack"]
+
+
 def test_json_line_keeps_non_ascii_text():
     payload = logs.JsonFormatter().format(_record(logging.INFO, "gerät %s", "ünïcode"))
     assert "gerät ünïcode" in payload
