@@ -281,6 +281,16 @@ def loops_backed_by(state_dir: Path) -> list[str]:
     return sorted(found)
 
 
+def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
+    """Poll ``predicate`` every 50 ms until it is true or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 def cleanup_kernel_objects(roots: list[Path], state_dir: Path) -> list[str]:
     """Unmount everything under ``roots`` (deepest first) and detach our loops.
 
@@ -352,6 +362,16 @@ class DriverProcess:
             config_file.write_text(json.dumps(self.config))  # JSON is YAML
             argv += ["--config", str(config_file)]
         return argv + self.extra_args
+
+    def pools_json(self) -> dict[str, Any]:
+        """``csi-driver pools --json`` on this driver's state dir and config."""
+        argv = [sys.executable, "-m", "csi_driver", "pools", "--json",
+                "--state-dir", str(self.state_dir)]
+        if self.config is not None:
+            argv += ["--config", str(self.base / "config.yaml")]
+        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        return dict(json.loads(out.stdout))
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> None:
         """Start the driver; with ``wait``, until Probe answers ready (bounded)."""

@@ -11,7 +11,6 @@ away, and expect the resync (explicit or periodic) to bring the disk in.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import pytest
@@ -20,6 +19,7 @@ from csi_driver import filesystems, mounts
 from csi_driver.config import PoolConfig, SelectorConfig
 from csi_driver.pools.disk import DiskPool
 from plugin_runtime import commands
+from tests.grpc.csi.driver_harness import wait_until
 
 from .conftest import Scratch
 
@@ -51,13 +51,8 @@ def _free(device: str, target: str) -> None:
     assert not filesystems.has_signature(device)
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def _wait_for(predicate: Callable[[], object], timeout: float = WAIT) -> bool:
+    return wait_until(predicate, timeout)
 
 
 def _states(pool: DiskPool) -> list[str]:

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -33,6 +32,7 @@ from tests.grpc.csi.driver_harness import (
     mount_cap,
     mounts_under,
     running_driver,
+    wait_until,
 )
 
 SIZES = {"ext4": 64 * MiB, "xfs": 320 * MiB, "btrfs": 128 * MiB, "": 16 * MiB}
@@ -406,22 +406,14 @@ def test_64_concurrent_creates_with_one_name_make_one_volume():
 
 
 def test_pools_command_reports_volumes_and_orphans():
-    import json
-    import subprocess
-    import sys
 
-    from tests.grpc.csi.driver_harness import ROOT
 
     with running_driver() as driver:
         csi = driver.csi()
         vol = csi.create(f"pvc-{uuid.uuid4()}", size=16 * MiB, kind="block")
         stray = driver.state_dir / "pools/default/volumes" / f"vol-{'0' * 32}.img"
         stray.write_bytes(b"")
-        out = subprocess.run(
-            [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
-             str(driver.state_dir)], cwd=ROOT, capture_output=True, text=True, timeout=60,
-            check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        data = json.loads(out.stdout)
+        data = driver.pools_json()
         assert data["pools"][0]["name"] == "default" and data["pools"][0]["volumes"] == 1
         assert [v["id"] for v in data["volumes"]] == [vol.volume_id]
         assert {"kind": "image-without-record", "pool": "default", "path": str(stray),
@@ -454,21 +446,6 @@ def loop_disks():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _pools_json(driver: DriverProcess) -> dict[str, Any]:
-    import json
-    import subprocess
-    import sys
-
-    from tests.grpc.csi.driver_harness import ROOT
-
-    out = subprocess.run(
-        [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
-         str(driver.state_dir), "--config", str(driver.base / "config.yaml")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return dict(json.loads(out.stdout))
-
-
 def _disk_config(base: Path, mode: str):
     def make(driver_base: Path) -> dict[str, object]:
         return {"restrict_paths": True, "pools": [
@@ -488,7 +465,7 @@ def test_disk_pool_from_loop_devices_found_through_udev(loop_disks):
             parameters={"pool": "disks"}), timeout=30)
         assert cap.available_capacity == (400 + 500 + 600) * MiB
         assert cap.maximum_volume_size.value == 600 * MiB
-        report = _pools_json(driver)
+        report = driver.pools_json()
         disks_pool = next(p for p in report["pools"] if p["name"] == "disks")
         assert sorted(d["device"] for d in disks_pool["disks"]) == sorted(devices)
         assert {d["state"] for d in disks_pool["disks"]} == {"free"}
@@ -556,14 +533,7 @@ def test_disk_pool_backing_mode_formats_mounts_and_survives_a_reboot(loop_disks)
 
 
 def _wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
+    return wait_until(predicate, timeout)
 
 
 def test_disks_that_appear_later_join_and_vanished_disks_turn_volumes_abnormal(loop_disks):

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -36,7 +31,6 @@ from csi_driver.pools import build_pools
 from csi_driver.pools.disk import DiskPool
 from plugin_runtime import commands
 from tests.grpc.csi.driver_harness import (
-    ROOT,
     Csi,
     DriverProcess,
     KubeletLayout,
@@ -46,6 +40,7 @@ from tests.grpc.csi.driver_harness import (
     loops_backed_by,
     mount_cap,
     running_driver,
+    wait_until,
 )
 
 from .conftest import Scratch
@@ -53,13 +48,8 @@ from .conftest import Scratch
 WAIT = 20.0
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def _wait_for(predicate: Callable[[], object], timeout: float = WAIT) -> bool:
+    return wait_until(predicate, timeout)
 
 
 def _payload(seed: str, size: int = 1 * MiB) -> bytes:
@@ -172,15 +162,6 @@ def test_disk_pool_refuses_the_disk_that_holds_the_state_dir(scratch: Scratch):
     assert holder in reason and mounted in reason, reason
 
 
-def _pools_json(driver: DriverProcess) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
-         str(driver.state_dir), "--config", str(driver.base / "config.yaml")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return dict(json.loads(out.stdout))
-
-
 def _image_and_disk_pools(base: Path) -> dict[str, object]:
     # The disk pool's selector matches every loop device backed by a file under the
     # test's base, the driver's own images included: only the safety check keeps them out.
@@ -223,7 +204,7 @@ def test_running_driver_never_gives_an_image_volume_as_a_disk():
             expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, csi.controller.CreateVolume,
                         request)
             # ... the operator is told why ...
-            report = _pools_json(driver)
+            report = driver.pools_json()
             disk_pool = next(p for p in report["pools"] if p["name"] == "disks")
             refused = [d for d in disk_pool["disks"] if d["state"] == "refused"]
             assert len(refused) == 1, disk_pool

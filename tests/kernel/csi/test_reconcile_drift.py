@@ -27,8 +27,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +39,6 @@ import pytest
 from csi_driver import loop
 from csi_driver._proto import csi_pb2
 from tests.grpc.csi.driver_harness import (
-    ROOT,
     DriverProcess,
     KubeletLayout,
     MiB,
@@ -279,15 +276,6 @@ def _log_of_last_start(driver: DriverProcess) -> str:
     return text[text.rindex("--- start "):]
 
 
-def _pools_json(driver: DriverProcess) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
-         str(driver.state_dir)], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    data: dict[str, object] = json.loads(out.stdout)
-    return data
-
-
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_reconcile_reports_drift_and_deletes_nothing(drift_driver: DriverProcess,
                                                      scenario: str):
@@ -302,7 +290,7 @@ def test_reconcile_reports_drift_and_deletes_nothing(drift_driver: DriverProcess
     pool = "" if kind == "unreadable-record" else "default"
     logged = f"reconcile: {kind} in pool {pool or '-'}: {d.path}"
     assert logged in _log_of_last_start(d.driver), d.driver.log_tail()
-    findings = _pools_json(d.driver)["findings"]
+    findings = d.driver.pools_json()["findings"]
     assert isinstance(findings, list)
     assert [f for f in findings if f["kind"] == kind and f["path"] == d.path
             and f["pool"] == pool], findings
@@ -367,12 +355,7 @@ def test_reconcile_reports_a_vanished_disk_and_keeps_its_record(
 
         logged = f"reconcile: record-without-disk in pool disks: {backing}"
         assert logged in _log_of_last_start(driver), driver.log_tail()
-        report = subprocess.run(
-            [sys.executable, "-m", "csi_driver", "pools", "--json", "--state-dir",
-             str(driver.state_dir), "--config", str(driver.base / "config.yaml")],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        findings = json.loads(report.stdout)["findings"]
+        findings = driver.pools_json()["findings"]
         assert [f for f in findings if f["kind"] == "record-without-disk"
                 and f["pool"] == "disks" and f["path"] == backing], findings
         assert record.read_bytes() == kept, "the record was changed or removed"
