@@ -175,39 +175,41 @@ class RpcBoundary:
         log.exception("unexpected error in %s/%s", self.service, method)
         return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
 
-    def unary(self, fn: F) -> F:
+    def _call(
+        self, fn: Callable[..., Any], servicer: Any, request: Message, context: Any
+    ) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
+        """Run a unary handler: its response, or the status to abort with (logged, counted)."""
         method = fn.__name__
+        started = time.monotonic()
+        try:
+            response = fn(servicer, request, context)
+        except Exception as exc:
+            code, message = self._translate(method, exc)
+            self._finish(method, request, started, code, message)
+            return None, (code, message)
+        self._finish(method, request, started, grpc.StatusCode.OK, "")
+        return response, None
 
+    def unary(self, fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(servicer: Any, request: Message, context: grpc.ServicerContext) -> Any:
-            started = time.monotonic()
-            try:
-                response = fn(servicer, request, context)
-            except Exception as exc:
-                code, message = self._translate(method, exc)
-                self._finish(method, request, started, code, message)
-                context.abort(code, message)
-            self._finish(method, request, started, grpc.StatusCode.OK, "")
+            response, failure = self._call(fn, servicer, request, context)
+            if failure is not None:
+                context.abort(*failure)
             return response
 
         return wrapper  # type: ignore[return-value]
 
     def inline(self, fn: F) -> F:
         """Like ``unary``, but run on the serving loop: only for handlers that never block."""
-        method = fn.__name__
 
         @functools.wraps(fn)
         async def wrapper(
             servicer: Any, request: Message, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
-            started = time.monotonic()
-            try:
-                response = fn(servicer, request, context)
-            except Exception as exc:
-                code, message = self._translate(method, exc)
-                self._finish(method, request, started, code, message)
-                await context.abort(code, message)
-            self._finish(method, request, started, grpc.StatusCode.OK, "")
+            response, failure = self._call(fn, servicer, request, context)
+            if failure is not None:
+                await context.abort(*failure)
             return response
 
         return wrapper  # type: ignore[return-value]
