@@ -195,11 +195,12 @@ def _act_restore(s: Scene) -> None:
     s.create(f"restore-{s.tag}", source=source)
 
 
-def _verify_restore(s: Scene) -> None:
+def _assert_new_volume_holds_the_source_data(s: Scene, prefix: str) -> None:
+    """The newest volume (a restore or a clone), staged and published, reads as the source."""
     digest = s.digest
     vid = s.volumes[-1]
     staging = s.kubelet.staging_dir(vid)
-    target = s.kubelet.target_dir(f"pod-r-{s.tag}", f"pv-r-{s.tag}")
+    target = s.kubelet.target_dir(f"pod-{prefix}-{s.tag}", f"pv-{prefix}-{s.tag}")
     s.csi.stage(vid, staging, s.cap)
     s.csi.publish(vid, staging, target, s.cap)
     try:
@@ -207,6 +208,10 @@ def _verify_restore(s: Scene) -> None:
     finally:
         s.csi.unpublish(vid, target)
         s.csi.unstage(vid, staging)
+
+
+def _verify_restore(s: Scene) -> None:
+    _assert_new_volume_holds_the_source_data(s, "r")
 
 
 def _act_delete(s: Scene) -> None:
@@ -333,17 +338,7 @@ def _act_clone(s: Scene) -> None:
 
 def _verify_clone(s: Scene) -> None:
     _not_frozen(s.target)
-    digest = s.digest
-    vid = s.volumes[-1]
-    staging = s.kubelet.staging_dir(vid)
-    target = s.kubelet.target_dir(f"pod-c-{s.tag}", f"pv-c-{s.tag}")
-    s.csi.stage(vid, staging, s.cap)
-    s.csi.publish(vid, staging, target, s.cap)
-    try:
-        assert s.read_digest(target) == digest
-    finally:
-        s.csi.unpublish(vid, target)
-        s.csi.unstage(vid, staging)
+    _assert_new_volume_holds_the_source_data(s, "c")
     s.write()  # the source is writable again
 
 
