@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,12 @@ def left_read_only() -> Iterator[LeftReadOnly]:
     with open(image, "xb") as handle:
         handle.truncate(8 * MiB)
     control_fd = os.open(loop.LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
-    number = _add_private_device(control_fd)
+    try:
+        number = _add_private_device(control_fd)
+    except BaseException:
+        os.close(control_fd)
+        shutil.rmtree(base)
+        raise
     device = loop._ensure_node(number)
     problems: list[str] = []
     try:
