@@ -713,6 +713,7 @@ class VolumeService:
         self, volume_id: str, staging_path: str, cap: Capability
     ) -> None:
         path = self.check_path(staging_path, "staging_target_path")
+        started = time.monotonic()
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self._volume(volume_id)
             self._check_node_cap(rec, cap)
@@ -736,10 +737,11 @@ class VolumeService:
             device = existing or pool.attach(rec, checked=True)
             crash_point("stage.after_attach")
             wanted.device = device
+            mounted = False
             try:
                 if not cap.block:
-                    self._mount_staging(rec, device=device, path=path, fs_type=fs_type,
-                                        flags=flags, cap=cap)
+                    mounted = self._mount_staging(rec, device=device, path=path,
+                                                  fs_type=fs_type, flags=flags, cap=cap)
                     if cap.mount_group and cap.access_mode not in READ_ONLY_MODES:
                         _apply_group(path, cap.mount_group)
                 elif not os.path.exists(path):
@@ -748,10 +750,13 @@ class VolumeService:
                 if fresh:
                     self._undo_attach(rec, path)
                 raise
+            changed = existing is None or mounted or rec.staging != wanted
             if rec.staging != wanted:
                 rec.staging = wanted
                 self.store.put_volume(rec)
             crash_point("stage.after_record")
+        _log_node_op(changed, started, "NodeStageVolume", volume_id, "staged at", path,
+                     f"device {device}, {fs_type or 'raw block'}")
 
     def _undo_attach(self, rec: VolumeRecord, path: str) -> None:
         """A failed first stage leaves no mount and no loop device behind."""
@@ -790,13 +795,14 @@ class VolumeService:
         fs_type: str,
         flags: list[str],
         cap: Capability,
-    ) -> None:
+    ) -> bool:
+        """Mount the volume at its staging path; False when it already was."""
         current = mounts.find_mount(path) if os.path.exists(path) else None
         if current is not None:
             if _Owned.of(device).matches(current):
                 if not current.read_only:
                     self._grow_if_pending(rec, device, path, fs_type)
-                return
+                return False
             raise AlreadyExists(f"something else ({current.source}) is mounted at {path}")
         os.makedirs(path, mode=0o750, exist_ok=True)
         # A volume this driver formatted at CreateVolume with this fs type needs no
@@ -839,6 +845,7 @@ class VolumeService:
         crash_point("stage.after_mount")
         if cap.access_mode not in READ_ONLY_MODES:  # a read-only mount cannot grow
             self._grow_if_pending(rec, device, path, fs_type)
+        return True
 
     def _grow_if_pending(self, rec: VolumeRecord, device: str, path: str, fs_type: str) -> None:
         if not rec.fs_grow_pending:
@@ -857,6 +864,7 @@ class VolumeService:
 
     def node_unstage(self, volume_id: str, staging_path: str) -> None:
         path = self.check_path(staging_path, "staging_target_path")
+        started = time.monotonic()
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self._volume(volume_id)
             self._forget_stale_publications(rec)
@@ -866,9 +874,12 @@ class VolumeService:
                     f"{', '.join(sorted(rec.publications))}; unpublish it first"
                 )
             if rec.staging is not None and rec.staging.path != path:
+                log.debug("NodeUnstageVolume: volume %s is staged at %s, not at %s: nothing to do",
+                          volume_id, rec.staging.path, path, extra={"volume_id": volume_id})
                 return  # not staged at this path: nothing to do
             pool = self.pool_of(rec)
             device = pool.attached_device(rec)
+            changed = device is not None or rec.staging is not None
             if device is not None:
                 ours = _Owned.of(device)
                 self._unmount_ours(path, ours)
@@ -883,6 +894,8 @@ class VolumeService:
             if rec.staging is not None:
                 rec.staging = None
                 self.store.put_volume(rec)
+        _log_node_op(changed, started, "NodeUnstageVolume", volume_id, "unstaged from", path,
+                     f"detached {device}" if device else "no device attached")
 
     def _unmount_ours(self, path: str, ours: _Owned) -> None:
         for _ in range(16):  # a crashed retry may have stacked the same mount twice
@@ -918,6 +931,7 @@ class VolumeService:
                 "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE)"
             )
         staging = self.check_path(staging_path, "staging_target_path")
+        started = time.monotonic()
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self._volume(volume_id)
             self._check_node_cap(rec, cap)
@@ -962,16 +976,20 @@ class VolumeService:
                     raise FailedPrecondition(
                         f"volume {volume_id} is not mounted at {staging}; stage it again"
                     )
-            self._bind(target, source=staging if not cap.block else device, block=cap.block,
-                       readonly=readonly, flags=flags,
-                       ours=ours)
+            source = staging if not cap.block else device
+            bound = self._bind(target, source=source, block=cap.block, readonly=readonly,
+                               flags=flags, ours=ours)
             if cap.mount_group and not cap.block and not readonly and \
                     cap.access_mode not in READ_ONLY_MODES:
                 _apply_group(target, cap.mount_group)  # read-only: nothing to make writable
+            changed = bound or existing != wanted
             if existing != wanted:
                 rec.publications[target] = wanted
                 self.store.put_volume(rec)
             crash_point("publish.after_record")
+        _log_node_op(changed, started, "NodePublishVolume", volume_id, "published at", target,
+                     f"bind of {source}, {rec.staging.fs_type or 'raw block'}, "
+                     f"{'read-only' if readonly else 'read-write'}")
 
     def _bind(
         self,
@@ -982,13 +1000,14 @@ class VolumeService:
         readonly: bool,
         flags: list[str],
         ours: _Owned,
-    ) -> None:
+    ) -> bool:
+        """Bind-mount ``source`` at ``target``; False when it already was."""
         if os.path.islink(target):
             raise InvalidArgument(f"target_path {target} is a symlink; refusing to mount on it")
         current = mounts.find_mount(target) if os.path.lexists(target) else None
         if current is not None:
             if ours.matches(current) and current.read_only == readonly:
-                return
+                return False
             raise AlreadyExists(f"something else is mounted at {target}")
         parent = os.path.dirname(target)
         if not os.path.isdir(parent):
@@ -1018,12 +1037,15 @@ class VolumeService:
                 _remove_target(target)  # leave nothing half-made behind
             raise
         crash_point("publish.after_mount")
+        return True
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
         target = self.check_path(target_path, "target_path")
+        started = time.monotonic()
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self._volume(volume_id)
             ours = self._owned(rec)
+            changed = target in rec.publications or _present(target)
             if _present(target):
                 current = mounts.find_mount(target)
                 if current is not None:
@@ -1039,6 +1061,8 @@ class VolumeService:
             if target in rec.publications:
                 del rec.publications[target]
                 self.store.put_volume(rec)
+        _log_node_op(changed, started, "NodeUnpublishVolume", volume_id, "unpublished from",
+                     target)
 
     def _owned(self, rec: VolumeRecord) -> _Owned:
         device = self.pool_of(rec).attached_device(rec)
@@ -1157,6 +1181,18 @@ class _Owned:
 
     def mounts(self) -> list[mounts.MountEntry]:
         return [e for e in mounts.read_mounts() if self.matches(e)]
+
+
+def _log_node_op(changed: bool, started: float, rpc: str, volume_id: str, state: str,
+                 path: str, details: str = "") -> None:
+    """One line per node operation: INFO when it changed something, DEBUG for a repeat."""
+    level = logging.INFO if changed else logging.DEBUG
+    if log.isEnabledFor(level):
+        took = (time.monotonic() - started) * 1000
+        log.log(level, "%s: volume %s %s%s %s%s %s %.1f ms", rpc, volume_id,
+                "" if changed else "already ", state, path,
+                f" ({details})" if details else "", "in" if changed else "- nothing to do,",
+                took, extra={"volume_id": volume_id})
 
 
 def _check_ready(pool: Pool) -> None:

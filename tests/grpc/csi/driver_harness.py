@@ -329,6 +329,8 @@ class DriverProcess:
     config: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)  # e.g. --metrics-address
+    module: str = "csi_driver"  # the ``python -m`` entry point (a test's own wrapper)
+    command_prefix: list[str] = field(default_factory=list)  # e.g. setpriv dropping a cap
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     starts: int = 0
@@ -351,7 +353,8 @@ class DriverProcess:
 
     def argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "csi_driver", "serve",
+            *self.command_prefix,
+            sys.executable, "-m", self.module, "serve",
             "--endpoint", f"unix://{self.socket}",
             "--node-id", self.node_id,
             "--state-dir", str(self.state_dir),
@@ -465,11 +468,13 @@ class DriverProcess:
 def running_driver(
     node_id: str = "node-a", config: Callable[[Path], dict[str, Any]] | None = None,
     env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
+    module: str = "csi_driver", command_prefix: tuple[str, ...] = (),
 ) -> Iterator[DriverProcess]:
     """A started driver in a fresh short /tmp dir; everything is cleaned up after."""
     base = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
     driver = DriverProcess(base=base, node_id=node_id, env=dict(env or {}),
-                           extra_args=list(extra_args))
+                           extra_args=list(extra_args), module=module,
+                           command_prefix=list(command_prefix))
     if config is not None:
         driver.config = config(base)
     try:
