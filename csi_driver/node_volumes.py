@@ -274,9 +274,8 @@ class NodeVolumes:
     def node_stats(
         self, volume_id: str, volume_path: str, staging_path: str = ""
     ) -> tuple[VolumeUsage, Condition]:
-        path = self.volumes.check_path(volume_path, "volume_path")
         rec = self.volumes.volume(volume_id)
-        _check_volume_path(rec, path)
+        path = _volume_path(rec, volume_path)
         if not mounts.present(path):
             raise NotFound(f"{path} does not exist")
         condition = self.volumes.condition(rec)
@@ -294,12 +293,13 @@ class NodeVolumes:
         cap: Capability | None,
         staging_path: str = "",
     ) -> int:
-        path = self.volumes.check_path(volume_path, "volume_path")
+        if not volume_path:
+            raise InvalidArgument("volume_path is required")
         with self.locks.hold(f"vol:{volume_id}"):
             rec = self.volumes.volume(volume_id)
             if cap is not None:
                 self.provisioner.check_cap_fits(rec, cap)
-            _check_volume_path(rec, path)
+            _volume_path(rec, volume_path)
             if required or limit:
                 # The resizer answered for a volume of another node without growing it
                 # (Provisioner._expand_elsewhere): its backing grows here.
@@ -323,10 +323,19 @@ def _same_mount_as(
     return matches
 
 
-def _check_volume_path(rec: VolumeRecord, path: str) -> None:
-    """NodeGetVolumeStats/NodeExpandVolume: ``path`` must be the volume's stage or a target."""
-    if path not in rec.publications and (rec.staging is None or rec.staging.path != path):
-        raise NotFound(f"volume {rec.id} is not staged or published at {path}")
+def _volume_path(rec: VolumeRecord, volume_path: str) -> str:
+    """NodeGetVolumeStats/NodeExpandVolume: ``volume_path`` must be the volume's stage or
+    one of its targets, else NOT_FOUND (the spec's code for a volume that does not
+    exist at the given path).  A relative or malformed path cannot be where a volume
+    is staged or published (those were checked absolute when recorded), so it is
+    NOT_FOUND too, not INVALID_ARGUMENT; the volume is looked up first, so an
+    unknown volume is NOT_FOUND whatever the path looks like."""
+    path = os.path.normpath(volume_path) if os.path.isabs(volume_path) and \
+        "\0" not in volume_path else ""
+    if not path or (path not in rec.publications
+                    and (rec.staging is None or rec.staging.path != path)):
+        raise NotFound(f"volume {rec.id} is not staged or published at {volume_path!r}")
+    return path
 
 
 def _same_staging(a: Staging, b: Staging) -> bool:
