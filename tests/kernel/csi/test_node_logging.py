@@ -26,7 +26,7 @@ def _node_lines(log_text: str, volume_id: str) -> list[tuple[str, str]]:
         if not raw.startswith("{"):
             continue  # the harness's own start markers
         entry = json.loads(raw)
-        if entry["logger"] == "csi_driver.volumes" and entry.get("volume_id") == volume_id \
+        if entry["logger"] == "csi_driver.node_volumes" and entry.get("volume_id") == volume_id \
                 and entry["msg"].startswith("Node"):
             lines.append((entry["level"], entry["msg"]))
     return lines
