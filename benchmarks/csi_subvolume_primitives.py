@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from csi_driver import btrfs, filesystems, loop, mounts
 from csi_driver.btrfs import QuotaMode
@@ -34,10 +35,20 @@ def _percentiles(samples: list[float]) -> str:
     return f"p50 {statistics.median(ordered) * 1000:7.3f} ms   p90 {p90 * 1000:7.3f} ms"
 
 
-def _timed(action: Callable[[], object]) -> float:
+def _timed(action: Callable[..., object], *args: Any, **kwargs: Any) -> float:
     started = time.perf_counter()
-    action()
+    action(*args, **kwargs)
     return time.perf_counter() - started
+
+
+def create_durable(parent: str, name: str) -> None:
+    btrfs.create_subvolume(parent, name, limit=GiB)
+    btrfs.commit(parent)
+
+
+def bind_read_only(source: str, target: str) -> None:
+    mounts.bind_mount(source, target, read_only=True)
+    mounts.unmount(target)
 
 
 class Pool:
@@ -83,41 +94,29 @@ def run_pool(pool: Pool, n: int) -> None:
     target = os.path.join(os.path.dirname(mnt), f"bind-{os.path.basename(mnt)}")
     os.mkdir(target)
     for i in range(n):
-        record("create_subvolume (no limit)",
-               _timed(lambda i=i: btrfs.create_subvolume(mnt, f"plain{i}")))
+        plain = os.path.join(mnt, f"plain{i}")
+        limited = os.path.join(mnt, f"lim{i}")
+        snap = os.path.join(mnt, f"snap{i}")
+        record("create_subvolume (no limit)", _timed(btrfs.create_subvolume, mnt, f"plain{i}"))
         record("create_subvolume with limit",
-               _timed(lambda i=i: btrfs.create_subvolume(mnt, f"lim{i}", limit=GiB)))
-        subvol_id = btrfs.subvolume_id(os.path.join(mnt, f"lim{i}"))
-        record("commit (START_SYNC+WAIT_SYNC)", _timed(lambda: btrfs.commit(mnt)))
-
-        def create_durable(i: int = i) -> None:
-            btrfs.create_subvolume(mnt, f"dur{i}", limit=GiB)
-            btrfs.commit(mnt)
-
-        record("create with limit + commit", _timed(create_durable))
-        record("set_limit (raise)",
-               _timed(lambda s=subvol_id: btrfs.set_limit(mnt, s, 2 * GiB)))
+               _timed(btrfs.create_subvolume, mnt, f"lim{i}", limit=GiB))
+        subvol_id = btrfs.subvolume_id(limited)
+        record("commit (START_SYNC+WAIT_SYNC)", _timed(btrfs.commit, mnt))
+        record("create with limit + commit", _timed(create_durable, mnt, f"dur{i}"))
+        record("set_limit (raise)", _timed(btrfs.set_limit, mnt, subvol_id, 2 * GiB))
         record("snapshot read-only (4 MiB volume)",
-               _timed(lambda i=i: btrfs.snapshot(source.path, mnt, f"snap{i}", read_only=True)))
+               _timed(btrfs.snapshot, source.path, mnt, f"snap{i}", read_only=True))
         record("snapshot writable + limit (clone)",
-               _timed(lambda i=i: btrfs.snapshot(os.path.join(mnt, f"snap{i}"), mnt,
-                                                 f"clone{i}", read_only=False, limit=GiB)))
-        record("qgroup_usage", _timed(lambda s=subvol_id: btrfs.qgroup_usage(mnt, s)))
-        record("quota_status", _timed(lambda: btrfs.quota_status(mnt)))
-
-        def bind_ro(i: int = i) -> None:
-            mounts.bind_mount(os.path.join(mnt, f"lim{i}"), target, read_only=True)
-            mounts.unmount(target)
-
-        record("bind mount read-only + unmount", _timed(bind_ro))
-        record("delete_subvolume (mount check)",
-               _timed(lambda i=i: btrfs.delete_subvolume(os.path.join(mnt, f"lim{i}"))))
+               _timed(btrfs.snapshot, snap, mnt, f"clone{i}", read_only=False, limit=GiB))
+        record("qgroup_usage", _timed(btrfs.qgroup_usage, mnt, subvol_id))
+        record("quota_status", _timed(btrfs.quota_status, mnt))
+        record("bind mount read-only + unmount", _timed(bind_read_only, limited, target))
+        record("delete_subvolume (mount check)", _timed(btrfs.delete_subvolume, limited))
         record("delete_subvolume (no mount check)",
-               _timed(lambda i=i: btrfs.delete_subvolume(os.path.join(mnt, f"plain{i}"),
-                                                         check_mounts=False)))
+               _timed(btrfs.delete_subvolume, plain, check_mounts=False))
     count = len(btrfs.list_qgroups(mnt))
-    record(f"list_qgroups ({count} qgroups)", _timed(lambda: btrfs.list_qgroups(mnt)))
-    record("remove_stale_qgroups", _timed(lambda: btrfs.remove_stale_qgroups(mnt)))
+    record(f"list_qgroups ({count} qgroups)", _timed(btrfs.list_qgroups, mnt))
+    record("remove_stale_qgroups", _timed(btrfs.remove_stale_qgroups, mnt))
     os.rmdir(target)
     for name, samples in results.items():
         print(f"{name:<40} {_percentiles(samples)}   (n={len(samples)})", flush=True)
