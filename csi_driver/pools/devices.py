@@ -85,6 +85,7 @@ class BlockDevicePool(abc.ABC):
     own_filesystem = True
     atomic_snapshots = False
     fs_types: tuple[str, ...] = FS_TYPES
+    parameters: tuple[str, ...] = ()
 
     # ------------------------------------------------ what each kind supplies
     @abc.abstractmethod
@@ -113,6 +114,9 @@ class BlockDevicePool(abc.ABC):
 
     def check_access(self, block: bool) -> None:
         return  # block devices serve both raw block and filesystem access
+
+    def check_parameters(self, parameters: dict[str, str]) -> None:
+        return  # no parameters of their own
 
     def needs_node_expansion(self, rec: VolumeRecord) -> bool:
         # A mounted filesystem is grown by NodeExpandVolume; an unstaged one grows at

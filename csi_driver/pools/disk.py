@@ -283,7 +283,9 @@ class DiskPool(BlockDevicePool):
         return {"mode": self.mode, "disks": used + refused}
 
     # ----------------------------------------------------------- capacity
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
         if self.mode == "backing":
             with self._lock:
                 subs = list(self._backing.values())
