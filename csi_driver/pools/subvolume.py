@@ -242,14 +242,18 @@ class SubvolumePool:
         return self.volume_path(rec.id)
 
     # ----------------------------------------------------------- capacity
+    def fs_stats(self) -> tuple[int, int]:
+        """(size, free bytes) of the pool filesystem."""
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
     def capacity(
         self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
     ) -> Capacity:
-        st = os.statvfs(self.path)
-        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        total, free = self.fs_stats()
         return compute_capacity(
             total=total,
-            free=max(0, free - self._promised_to_thick(records)),
+            free=max(0, free - self.promised_to_thick(records)),
             reserve_bytes=self.config.reserve_bytes,
             reserve_percent=self.config.reserve_percent,
             thin=thin,
@@ -257,7 +261,7 @@ class SubvolumePool:
             provisioned=provisioned,
         )
 
-    def _promised_to_thick(self, records: Sequence[VolumeRecord]) -> int:
+    def promised_to_thick(self, records: Sequence[VolumeRecord]) -> int:
         """What thick volumes may still write (limit - referenced), counted as taken."""
         thick = [r for r in records if not r.thin and r.state == READY]
         if not thick:

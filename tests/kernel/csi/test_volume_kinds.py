@@ -5,7 +5,8 @@ A driver whose one pool is a subvolume pool on a btrfs made for the module
 decides: raw block and other fs types refused naming the pool and its kind,
 expansion without a node step, the limit enforced and raised, stats from the
 qgroup, no-CoW volumes, thick capacity, reconcile findings without deletion,
-VolumeCondition of a missing subvolume, and ``csi-driver pools``.  The btrfs
+VolumeCondition of a missing subvolume, and ``csi-driver pools``; and a disk
+pool in backing mode whose volumes are subvolumes on its btrfs disks.  The btrfs
 ioctl layer itself is covered by its own kernel tests.
 """
 
@@ -13,16 +14,19 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from csi_driver import btrfs
+from csi_driver import btrfs, filesystems, loop, mounts
 from csi_driver._proto import csi_pb2
 from csi_driver.config import parse_config
 from csi_driver.pools.subvolume import SubvolumePool
+from plugin_runtime.errors import FailedPrecondition
 from tests.grpc.csi.driver_harness import (
     SUBVOLUME_POOL,
     Csi,
@@ -33,6 +37,7 @@ from tests.grpc.csi.driver_harness import (
     expect_code,
     mount_cap,
     running_driver,
+    wait_until,
 )
 
 Code = grpc.StatusCode
@@ -260,3 +265,67 @@ def test_a_path_that_is_not_btrfs_is_refused(tmp_path: Path):
     assert "not btrfs" in message and "mkfs.btrfs" in message, message
     assert not pool.ready
     assert pool.describe()["problem"] == message
+
+
+@pytest.fixture
+def btrfs_disk() -> Iterator[tuple[Path, str]]:
+    """One loop device made by this test, standing in for a disk of a disk pool."""
+    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="csik", dir="/tmp")))
+    image = base / "disk0.img"
+    with open(image, "wb") as handle:
+        handle.truncate(512 * MiB)
+    device = loop.attach(str(image), direct_io=False)
+    try:
+        yield base, device
+    finally:
+        for entry in mounts.read_mounts():
+            if entry.source == device:
+                mounts.unmount(entry.mount_point)
+        assert wait_until(lambda: _detached(device), 30.0), f"{device} stays busy"
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _detached(device: str) -> bool:
+    try:
+        loop.detach(device)
+    except FailedPrecondition:
+        return False
+    return True
+
+
+def test_disk_pool_backing_mode_with_subvolume_volumes(btrfs_disk: tuple[Path, str]):
+    base, device = btrfs_disk
+
+    def config(driver_base: Path) -> dict[str, object]:
+        return {"pools": [{
+            "name": "disks", "type": "disk", "mode": "backing", "backing_fs_type": "btrfs",
+            "volume_kind": "subvolume",
+            "selector": {"kernel": "loop*",
+                         "attributes": {"loop/backing_file": f"{base}/disk*.img"}}}]}
+
+    with running_driver(node_id="node-disk-subvol", config=config) as driver:
+        csi = driver.csi()
+        assert filesystems.probe_filesystem(device) == "btrfs"
+        (pool,) = driver.pools_json()["pools"]
+        assert pool["volume_kind"] == "subvolume" and pool["quota_mode"] in ("squota", "qgroup")
+        message = expect_code(Code.INVALID_ARGUMENT, csi.controller.CreateVolume,
+                              csi_pb2.CreateVolumeRequest(name="pvc-disk-blk",
+                                                          volume_capabilities=[block_cap()]))
+        assert "disks" in message and "subvolume" in message, message
+        vid, staging, target = _published(driver, csi, "pvc-disk-subvol", 16 * MiB)
+        disk_mount = next(e.mount_point for e in mounts.read_mounts() if e.source == device)
+        assert btrfs.is_subvolume(os.path.join(disk_mount, "volumes", vid))
+        assert 8 * MiB < _fill(os.path.join(target, "data"), 32 * MiB) < 16 * MiB
+        snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+            source_volume_id=vid, name="snap-disk-subvol"), timeout=30).snapshot
+        assert btrfs.is_subvolume(os.path.join(disk_mount, "snapshots", snap.snapshot_id))
+        grown = csi.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=48 * MiB)),
+            timeout=30)
+        assert not grown.node_expansion_required
+        assert _fill(os.path.join(target, "more"), 16 * MiB) == 16 * MiB
+        _teardown(csi, vid, staging, target)
+        csi.controller.DeleteSnapshot(
+            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=30)
+        assert os.listdir(os.path.join(disk_mount, "volumes")) == []
+        assert os.listdir(os.path.join(disk_mount, "snapshots")) == []
