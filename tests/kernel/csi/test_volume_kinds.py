@@ -255,6 +255,29 @@ def test_reconcile_reports_drift_and_deletes_nothing(
         btrfs.delete_subvolume(stray.path)
 
 
+def test_quotas_turned_off_are_abnormal_and_limits_come_back_at_start(
+    subvol_driver: DriverProcess, scsi: Csi
+):
+    pool = str(_pool_path(subvol_driver))
+    vid = scsi.create("pvc-kind-quota", size=8 * MiB).volume_id
+    try:
+        btrfs.disable_quotas(pool)  # an operator's mistake: every limit is gone
+        got = scsi.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=vid), timeout=30)
+        condition = got.status.volume_condition
+        assert condition.abnormal and "quotas are off" in condition.message, condition
+        subvol_driver.stop()
+        subvol_driver.start()
+        assert btrfs.quota_status(pool).enabled
+        subvolume = btrfs.subvolume_id(os.path.join(pool, "volumes", vid))
+        assert btrfs.qgroup_usage(pool, subvolume).max_referenced == 8 * MiB
+        got = subvol_driver.csi().controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=vid), timeout=30)
+        assert not got.status.volume_condition.abnormal, got.status.volume_condition
+    finally:
+        subvol_driver.csi().delete(vid)
+
+
 def test_a_path_that_is_not_btrfs_is_refused(tmp_path: Path):
     config = parse_config({"pools": [{"name": "nob", "type": "subvolume",
                                       "path": str(tmp_path / "pool")}]}, str(tmp_path))
