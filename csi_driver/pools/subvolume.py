@@ -387,6 +387,14 @@ class SubvolumePool:
     def unstage(self, rec: VolumeRecord, path: str) -> None:
         ours = self.owner(rec)
         if ours is None:
+            # The subvolume was deleted behind the driver's back (the kernel allows it
+            # while mounted): its stage is then an empty btrfs mount of the pool's
+            # filesystem at the path the record gives; take that away.
+            holder = _holder(self.path, mounts.read_mounts())
+            if holder is not None and rec.staging is not None and rec.staging.path == path:
+                pool_fs = (holder.major, holder.minor)
+                mounts.unmount_matching(path, lambda e: e.fs_type == "btrfs"
+                                        and (e.major, e.minor) == pool_fs)
             return
         mounts.unmount_matching(path, ours.matches)
         crash_point("unstage.after_unmount")

@@ -352,3 +352,18 @@ def test_disk_pool_backing_mode_with_subvolume_volumes(btrfs_disk: tuple[Path, s
             csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=30)
         assert os.listdir(os.path.join(disk_mount, "volumes")) == []
         assert os.listdir(os.path.join(disk_mount, "snapshots")) == []
+
+
+def test_a_subvolume_deleted_behind_the_drivers_back_can_still_be_unstaged(
+    subvol_driver: DriverProcess, scsi: Csi
+):
+    vid, staging, target = _published(subvol_driver, scsi, "pvc-kind-yanked", 8 * MiB)
+    subvolume = _pool_path(subvol_driver) / "volumes" / vid
+    btrfs.delete_subvolume(str(subvolume), check_mounts=False)  # the kernel allows it
+    condition = scsi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=vid, volume_path=target), timeout=30).volume_condition
+    assert condition.abnormal and "missing" in condition.message, condition
+    scsi.unpublish(vid, target)
+    scsi.unstage(vid, staging)
+    assert not mounts.is_mountpoint(staging) and not os.path.lexists(target)
+    scsi.delete(vid)
