@@ -148,7 +148,7 @@ class SubvolumePool:
         parent = self.path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
-        btrfs.require_btrfs(parent, f"subvolume pool {self.name}")
+        btrfs.require_btrfs(parent, f"subvolume pool {self.name} (path {self.path})")
 
     def start(self) -> None:
         try:
