@@ -1051,14 +1051,14 @@ def _qgroups(path: str, low: int, high: int, live: bool = True) -> dict[int, Qgr
     for qgroupid, (rfer, excl) in infos.items():
         max_rfer, max_excl = limits.get(qgroupid, (None, None))
         reserved = 0
-        live = _sysfs_qgroup(path_fsid, qgroupid)
-        if live is not None:
+        memory = _sysfs_qgroup(path_fsid, qgroupid)
+        if memory is not None:
             # A limit set with the subvolume (inherit) reaches the quota tree only at the
             # next commit; sysfs shows what the kernel enforces now.
-            flags = live["limit_flags"]
-            max_rfer = live["max_referenced"] if flags & LIMIT_MAX_RFER else None
-            max_excl = live["max_exclusive"] if flags & LIMIT_MAX_EXCL else None
-            reserved = live["rsv_data"]
+            flags = memory["limit_flags"]
+            max_rfer = memory["max_referenced"] if flags & LIMIT_MAX_RFER else None
+            max_excl = memory["max_exclusive"] if flags & LIMIT_MAX_EXCL else None
+            reserved = memory["rsv_data"]
         result[qgroupid] = QgroupUsage(
             subvolume_id=qgroupid,
             referenced=rfer,
