@@ -34,12 +34,14 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from csi_driver import disks, filesystems, mounts
 from csi_driver.config import PoolConfig
 from csi_driver.pools.base import Capacity, Orphan, compute_capacity
-from csi_driver.pools.imagefile import ImagePool
-from csi_driver.store import READY, VolumeRecord
+from csi_driver.pools.devices import BlockDevicePool
+from csi_driver.pools.imagefile import ImagePool, copy_image_snapshot, remove_image_snapshot
+from csi_driver.store import READY, SnapshotRecord, VolumeRecord
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     FailedPrecondition,
@@ -76,8 +78,9 @@ def _fs_label(device: str) -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-class DiskPool:
+class DiskPool(BlockDevicePool):
     kind = "disk"
+    records_backing = True  # which disk holds a volume is not derivable from its id
 
     def __init__(
         self,
@@ -280,7 +283,9 @@ class DiskPool:
         return {"mode": self.mode, "disks": used + refused}
 
     # ----------------------------------------------------------- capacity
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
         if self.mode == "backing":
             with self._lock:
                 subs = list(self._backing.values())
@@ -369,9 +374,9 @@ class DiskPool:
             return
         filesystems.make_filesystem(self._disk_of(rec).devnode, rec.fs_type, check_empty=False)
 
-    def format_target(self, rec: VolumeRecord) -> str:
+    def data_path(self, rec: VolumeRecord) -> str:
         if self.mode == "backing":
-            return self._sub_of(rec).format_target(rec)
+            return self._sub_of(rec).data_path(rec)
         return self._disk_of(rec).devnode
 
     def grow(self, rec: VolumeRecord, new_size: int) -> int:
@@ -416,6 +421,17 @@ class DiskPool:
         if self.mode != "backing":
             raise FailedPrecondition(f"pool {self.name} does not support snapshots")
         return self._sub_of(source).snapshot_path(snapshot_id, source)
+
+    def take_snapshot(
+        self, source: VolumeRecord, snap: SnapshotRecord,
+        quiesce: AbstractContextManager[None],
+    ) -> None:
+        if self.mode != "backing":
+            raise FailedPrecondition(f"pool {self.name} does not support snapshots")
+        copy_image_snapshot(self.data_path(source), snap, quiesce)
+
+    def remove_snapshot(self, snap: SnapshotRecord) -> None:
+        remove_image_snapshot(snap)
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         found: list[Orphan] = []
