@@ -116,6 +116,7 @@ def run_pool(pool: Pool, n: int) -> None:
                _timed(btrfs.delete_subvolume, plain, check_mounts=False))
     count = len(btrfs.list_qgroups(mnt))
     record(f"list_qgroups ({count} qgroups)", _timed(btrfs.list_qgroups, mnt))
+    record(f"list_qgroups live=False ({count})", _timed(btrfs.list_qgroups, mnt, live=False))
     record("remove_stale_qgroups", _timed(btrfs.remove_stale_qgroups, mnt))
     os.rmdir(target)
     for name, samples in results.items():

@@ -1024,7 +1024,7 @@ def _sysfs_qgroup(path_fsid: str | None, subvol_id: int) -> dict[str, int] | Non
         return None
 
 
-def _qgroups(path: str, low: int, high: int) -> dict[int, QgroupUsage]:
+def _qgroups(path: str, low: int, high: int, live: bool = True) -> dict[int, QgroupUsage]:
     infos: dict[int, tuple[int, int]] = {}
     limits: dict[int, tuple[int | None, int | None]] = {}
     with _open_dir(path) as fd:
@@ -1043,22 +1043,22 @@ def _qgroups(path: str, low: int, high: int) -> dict[int, QgroupUsage]:
                     limits[offset] = _parse_limit(data)
         except OSError as exc:
             raise _not_btrfs_or(exc, path, f"searching the quota tree of {path}") from exc
-    try:
-        path_fsid: str | None = fsid(path)
-    except Internal:
-        path_fsid = None
+    path_fsid: str | None = None
+    if live:
+        with contextlib.suppress(Internal):
+            path_fsid = fsid(path)
     result = {}
     for qgroupid, (rfer, excl) in infos.items():
         max_rfer, max_excl = limits.get(qgroupid, (None, None))
         reserved = 0
-        live = _sysfs_qgroup(path_fsid, qgroupid)
-        if live is not None:
+        memory = _sysfs_qgroup(path_fsid, qgroupid)
+        if memory is not None:
             # A limit set with the subvolume (inherit) reaches the quota tree only at the
             # next commit; sysfs shows what the kernel enforces now.
-            flags = live["limit_flags"]
-            max_rfer = live["max_referenced"] if flags & LIMIT_MAX_RFER else None
-            max_excl = live["max_exclusive"] if flags & LIMIT_MAX_EXCL else None
-            reserved = live["rsv_data"]
+            flags = memory["limit_flags"]
+            max_rfer = memory["max_referenced"] if flags & LIMIT_MAX_RFER else None
+            max_excl = memory["max_exclusive"] if flags & LIMIT_MAX_EXCL else None
+            reserved = memory["rsv_data"]
         result[qgroupid] = QgroupUsage(
             subvolume_id=qgroupid,
             referenced=rfer,
@@ -1083,9 +1083,14 @@ def qgroup_usage(path: str, subvol_id: int) -> QgroupUsage:
     return found
 
 
-def list_qgroups(path: str) -> dict[int, QgroupUsage]:
-    """Every level-0 qgroup of ``path``'s filesystem, by subvolume ID."""
-    return _qgroups(path, 0, (1 << 48) - 1)
+def list_qgroups(path: str, *, live: bool = True) -> dict[int, QgroupUsage]:
+    """Every level-0 qgroup of ``path``'s filesystem, by subvolume ID.
+
+    ``live=False`` reads the quota tree alone: one search and no sysfs files
+    (0.5 ms instead of 20 ms for 154 qgroups here), but limits set since the
+    last commit and the data reservations are then not seen.
+    """
+    return _qgroups(path, 0, (1 << 48) - 1, live)
 
 
 def remove_qgroup(path: str, subvol_id: int) -> bool:

@@ -205,6 +205,8 @@ def test_usage_query_matches_written_bytes_and_sysfs(qfs: tuple[Fs, QuotaMode]):
     assert int((sysfs / "exclusive").read_text()) == usage.exclusive
     assert int((sysfs / "max_referenced").read_text()) == 64 * MiB
     assert btrfs.list_qgroups(fs.root)[vol.id] == usage
+    committed = btrfs.list_qgroups(fs.root, live=False)[vol.id]
+    assert (committed.referenced, committed.max_referenced) == (usage.referenced, 64 * MiB)
     with pytest.raises(btrfs.SubvolumeNotFound, match="no qgroup"):
         btrfs.qgroup_usage(fs.root, 99999)
 
