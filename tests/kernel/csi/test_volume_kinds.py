@@ -43,15 +43,23 @@ from tests.grpc.csi.driver_harness import (
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def subvol_driver() -> Iterator[DriverProcess]:
-    with running_driver(node_id="node-subvol", pool_kind="subvolume") as driver:
+# Every rule holds in both quota modes: auto (simple quotas on kernels that have them)
+# and full qgroups.
+@pytest.fixture(scope="module", params=["auto", "full"])
+def subvol_driver(request: pytest.FixtureRequest) -> Iterator[DriverProcess]:
+    with running_driver(node_id="node-subvol", pool_kind="subvolume",
+                        pool_options={"quota_mode": request.param}) as driver:
         yield driver
 
 
 @pytest.fixture
 def scsi(subvol_driver: DriverProcess) -> Csi:
     return subvol_driver.csi()
+
+
+def driver_quota_mode(driver: DriverProcess) -> str:
+    assert driver.config is not None
+    return str(driver.config["pools"][0]["quota_mode"])
 
 
 def _pool_path(driver: DriverProcess) -> Path:
@@ -103,8 +111,9 @@ def _teardown(csi: Csi, vid: str, staging: str, target: str) -> None:
 def test_pools_shows_the_quota_mode(subvol_driver: DriverProcess):
     (pool,) = subvol_driver.pools_json()["pools"]
     assert pool["type"] == "subvolume" and pool["ready"]
-    expected = "squota" if btrfs.simple_quotas_supported() else "qgroup"
-    assert pool["quota_mode"] == expected, pool
+    assert driver_quota_mode(subvol_driver) in ("auto", "full")
+    simple = driver_quota_mode(subvol_driver) == "auto" and btrfs.simple_quotas_supported()
+    assert pool["quota_mode"] == ("squota" if simple else "qgroup"), pool
     assert pool["quota_reason"], pool
 
 
