@@ -89,14 +89,6 @@ class Provisioner:
         self, parameters: Mapping[str, str], capabilities: Sequence[Capability]
     ) -> Placement:
         """Pool, filesystem and provisioning mode from StorageClass parameters + capabilities."""
-        for key in parameters:
-            if key in (PARAM_POOL, PARAM_FS, PARAM_K8S_FS, PARAM_THIN):
-                continue
-            if key.startswith(K8S_PREFIX):
-                continue  # pvc/name, pvc/namespace, pv/name from --extra-create-metadata
-            raise InvalidArgument(
-                f"unknown parameter {key!r} (known: {PARAM_POOL}, {PARAM_FS}, {PARAM_THIN})"
-            )
         pool_name = parameters.get(PARAM_POOL) or self.volumes.default_pool
         pool = self.volumes.pools.get(pool_name)
         if pool is None:
@@ -104,6 +96,16 @@ class Provisioner:
                 f"parameter pool: no pool named {pool_name!r} "
                 f"(known: {', '.join(self.volumes.pools)})"
             )
+        for key in parameters:
+            if key in (PARAM_POOL, PARAM_FS, PARAM_K8S_FS, PARAM_THIN) or key in pool.parameters:
+                continue
+            if key.startswith(K8S_PREFIX):
+                continue  # pvc/name, pvc/namespace, pv/name from --extra-create-metadata
+            known = ", ".join((PARAM_POOL, PARAM_FS, PARAM_THIN, *pool.parameters))
+            raise InvalidArgument(
+                f"unknown parameter {key!r} (known for pool {pool.name}, {pool.kind}: {known})"
+            )
+        pool.check_parameters(dict(parameters))
         thin_text = parameters.get(PARAM_THIN)
         if thin_text is None or thin_text == "":
             thin = pool.config.thin
@@ -112,7 +114,7 @@ class Provisioner:
         else:
             raise InvalidArgument(f"parameter thin: expected 'true' or 'false', got {thin_text!r}")
         block = all(c.block for c in capabilities) if capabilities else False
-        pool.check_access(block)
+        pool.check_access(any(c.block for c in capabilities))
         fs_type = ""
         if not block:
             requested = {c.fs_type for c in capabilities if not c.block and c.fs_type}
@@ -423,9 +425,15 @@ class Provisioner:
         rec = self.volumes.volume(volume_id)
         if not capabilities:
             raise InvalidArgument("volume_capabilities are required")
+        pool = self.volumes.pools.get(rec.pool)
         for cap in capabilities:
             if cap.access_mode not in SINGLE_NODE_MODES:
                 return f"access mode {cap.access_mode} is not supported"
+            if pool is not None:
+                try:
+                    pool.check_access(cap.block)
+                except InvalidArgument as exc:
+                    return str(exc)
             if not cap.block and rec.block and cap.fs_type:
                 return "a raw block volume cannot be mounted with a given fs type"
             if not cap.block and cap.fs_type and rec.fs_type and cap.fs_type != rec.fs_type:

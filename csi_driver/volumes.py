@@ -192,7 +192,8 @@ class VolumeService:
         return sum(r.capacity_bytes for r in self.store.volumes() if r.pool == pool)
 
     def capacity(self, pool: Pool, thin: bool) -> Capacity:
-        return pool.capacity(thin, self.provisioned(pool.name))
+        records = [r for r in self.store.volumes() if r.pool == pool.name]
+        return pool.capacity(thin, sum(r.capacity_bytes for r in records), records)
 
     def condition(self, rec: VolumeRecord) -> Condition:
         pool = self.pools.get(rec.pool)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -161,6 +161,7 @@ class Pool(Protocol):
     # Snapshots and clones are atomic by construction: no freeze of the source needed.
     atomic_snapshots: bool
     fs_types: tuple[str, ...]  # filesystems its volumes can carry (first: the kind's own)
+    parameters: tuple[str, ...]  # StorageClass parameters of this kind (checked below)
 
     def start(self) -> None:
         """Prepare the pool (directories, disk mounts); safe to call again."""
@@ -172,8 +173,11 @@ class Pool(Protocol):
     def ready(self) -> bool:
         """True once the pool can serve volumes."""
 
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
-        """Capacity figures given what is already promised to volumes of this pool."""
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
+        """Capacity figures given what is already promised to volumes of this pool
+        (``provisioned`` bytes in total; ``records``: those volumes)."""
 
     def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
         """Create the backing of ``rec`` (size ``rec.capacity_bytes``), optionally with the
@@ -201,23 +205,18 @@ class Pool(Protocol):
     def check_access(self, block: bool) -> None:
         """InvalidArgument when the pool cannot give volumes of that access type."""
 
+    def check_parameters(self, parameters: dict[str, str]) -> None:
+        """InvalidArgument naming a bad value of one of this kind's ``parameters``."""
+
     def grow(self, rec: VolumeRecord, new_size: int) -> int:
         """Grow the backing to at least ``new_size``; return the new size.
         OutOfRange when the medium cannot grow that far."""
 
-    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
-        """Return the block device of ``rec``, attaching a loop device if needed (reusing
-        one already backed by the image).  ``checked``: the caller has just seen that
-        none is attached (under the volume's lock), so the lookup is skipped."""
-
-    def attached_device(self, rec: VolumeRecord) -> str | None:
-        """The block device of ``rec`` if it is attached now, else None."""
-
     def detach(self, rec: VolumeRecord) -> None:
-        """Detach every loop device backed by ``rec``'s image; none is fine."""
+        """Detach whatever makes ``rec`` reachable on the node (loop devices); none is fine."""
 
     def refresh(self, rec: VolumeRecord) -> None:
-        """Make the attached block device see the backing's current size."""
+        """Make what is attached see the backing's current size (a no-op if nothing is)."""
 
     def needs_node_expansion(self, rec: VolumeRecord) -> bool:
         """After the backing grew: must NodeExpandVolume finish the job (grow a mounted fs)?"""

@@ -31,6 +31,7 @@ from csi_driver.pools.base import (
     HEALTHY,
     MIN_FS_BYTES,
     Condition,
+    MountOwner,
     SaveRecord,
     VolumeUsage,
 )
@@ -85,6 +86,7 @@ class BlockDevicePool(abc.ABC):
     own_filesystem = True
     atomic_snapshots = False
     fs_types: tuple[str, ...] = FS_TYPES
+    parameters: tuple[str, ...] = ()
 
     # ------------------------------------------------ what each kind supplies
     @abc.abstractmethod
@@ -114,13 +116,16 @@ class BlockDevicePool(abc.ABC):
     def check_access(self, block: bool) -> None:
         return  # block devices serve both raw block and filesystem access
 
+    def check_parameters(self, parameters: dict[str, str]) -> None:
+        return  # no parameters of their own
+
     def needs_node_expansion(self, rec: VolumeRecord) -> bool:
         # A mounted filesystem is grown by NodeExpandVolume; an unstaged one grows at
         # its next NodeStage (fs_grow_pending), so the node has nothing to do now.
         return bool(rec.fs_type) and rec.staging is not None and not rec.staging.block
 
     # ------------------------------------------------------------ node side
-    def owner(self, rec: VolumeRecord) -> DeviceMounts | None:
+    def owner(self, rec: VolumeRecord) -> MountOwner | None:
         device = self.attached_device(rec)
         return DeviceMounts.of(device) if device is not None else None
 

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import threading
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from csi_driver import filesystems, loop
@@ -101,7 +102,9 @@ class ImagePool(BlockDevicePool):
         st = os.statvfs(self.path)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
         total, free = self.fs_stats()
         return compute_capacity(
             total=total,

@@ -464,29 +464,86 @@ class DriverProcess:
         return cleanup_kernel_objects([self.kubelet_root, self.state_dir], self.state_dir)
 
 
+# The kinds of pool the lifecycle, fuzz and crash suites run against.
+POOL_KINDS = ("image", "subvolume")
+SUBVOLUME_POOL = "subvol"
+
+
+@contextlib.contextmanager
+def btrfs_mount(base: Path, size: int = 1 << 30) -> Iterator[Path]:
+    """A fresh btrfs at ``base/btrfs`` (mkfs on an image file, a loop device, a mount).
+
+    Torn down after, even on failure: every mount under it (deepest first), then
+    the loop device.  The driver's mounts of subvolumes must be gone first.
+    """
+    from csi_driver import loop, mounts
+    from plugin_runtime.errors import FailedPrecondition
+
+    image = base / "btrfs.img"
+    with open(image, "xb") as handle:
+        handle.truncate(size)
+    commands.run(["mkfs.btrfs", "-q", "-f", str(image)], timeout=120)
+    device = loop.attach(str(image))
+    point = base / "btrfs"
+    try:
+        point.mkdir()
+        mounts.mount(device, str(point), "btrfs", ())
+        yield point
+    finally:
+        for mounted in sorted(set(mounts_under(point)), key=len, reverse=True):
+            mounts.unmount(mounted)
+
+        def detached() -> bool:
+            try:
+                loop.detach(device)
+            except FailedPrecondition:
+                return False  # btrfs can hold the device a moment after its unmount
+            return True
+
+        assert wait_until(detached, 30.0), f"{device} stays busy after unmounting {point}"
+
+
+def subvolume_pool_config(fs: Path, **options: Any) -> dict[str, Any]:
+    return {"pools": [{"name": SUBVOLUME_POOL, "type": "subvolume", "path": str(fs / "pool"),
+                       **options}]}
+
+
 @contextlib.contextmanager
 def running_driver(
     node_id: str = "node-a", config: Callable[[Path], dict[str, Any]] | None = None,
     env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
     module: str = "csi_driver", command_prefix: tuple[str, ...] = (),
+    pool_kind: str = "image", pool_options: dict[str, Any] | None = None,
 ) -> Iterator[DriverProcess]:
-    """A started driver in a fresh short /tmp dir; everything is cleaned up after."""
+    """A started driver in a fresh short /tmp dir; everything is cleaned up after.
+
+    ``pool_kind="subvolume"``: the driver's one pool is a subvolume pool on a btrfs
+    made for it, with ``pool_options`` (``config`` may not name pools then).
+    """
     base = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
     driver = DriverProcess(base=base, node_id=node_id, env=dict(env or {}),
                            extra_args=list(extra_args), module=module,
                            command_prefix=list(command_prefix))
-    if config is not None:
-        driver.config = config(base)
-    try:
-        driver.start()
-        yield driver
-    finally:
-        leftovers = driver.cleanup()
-        if leftovers:
-            print(f"cleaned after the driver in {base}: {leftovers}")
-        # Never delete through a mount that could not be removed.
-        if not mounts_under(base):
-            shutil.rmtree(base, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        if config is not None:
+            driver.config = config(base)
+        if pool_kind == "subvolume":
+            fs = stack.enter_context(btrfs_mount(base))
+            assert driver.config is None or "pools" not in driver.config
+            driver.config = {**(driver.config or {}),
+                             **subvolume_pool_config(fs, **(pool_options or {}))}
+        else:
+            assert pool_kind == "image", pool_kind
+        try:
+            driver.start()
+            yield driver
+        finally:
+            leftovers = driver.cleanup()
+            if leftovers:
+                print(f"cleaned after the driver in {base}: {leftovers}")
+    # Never delete through a mount that could not be removed.
+    if not mounts_under(base):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
