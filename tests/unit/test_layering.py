@@ -204,7 +204,8 @@ def test_the_device_plugin_process_does_not_load_the_api_client():
     code = ("import sys\n"
             "for m in sys.argv[1:]:\n"
             "    __import__(m)\n"
-            "print(len(sys.argv) - 1, sorted(m for m in sys.modules if m.startswith('lightkube')))\n")
+            "print(len(sys.argv) - 1,\n"
+            "      sorted(m for m in sys.modules if m.startswith('lightkube')))\n")
     result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True,
                             text=True, timeout=120, check=False, cwd=ROOT)
     assert result.returncode == 0, result.stderr
