@@ -126,4 +126,4 @@ def test_a_malformed_claim_fails_the_call_with_invalid_argument(make_driver, cla
     with pytest.raises(grpc.RpcError) as err:
         driver.watcher.prepare(DRIVER, [claim])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "claims[0]" in err.value.details()
+    assert "claims[0]" in (err.value.details() or "")
