@@ -336,7 +336,8 @@ class Catalog:
             added = [r for r in config.resources if r.name not in old]
             removed = [s for name, s in old.items() if name not in {r.name for r in
                                                                      config.resources}]
-            options_changed = any(options_for(r) != old[r.name].options for r in changed)
+            options_changed = any(options_for(r) != old[r.name].options
+                                  or r.dra != old[r.name].config.dra for r in changed)
             for res in config.resources:
                 new[res.name] = old.get(res.name) or ResourceState(res, cdi)
             self._resources = new
@@ -365,3 +366,27 @@ class Catalog:
         """Shutdown: remove every CDI spec this catalog wrote."""
         for state in self.resources().values():
             state.close()
+
+
+class DevicePluginView:
+    """The catalog as the device-plugin wire layer sees it: only the resources NOT
+    served through DRA (implements ``device_plugin.model.ResourceCatalog``).
+
+    A resource is served by one API only; the DRA side reads the same ``Catalog``
+    (``Catalog.resources()`` holds both kinds, so discovery and health serve both).
+    Switching a resource between the APIs bumps the catalog generation, so the
+    device-plugin endpoints follow a reload."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def resources(self) -> Mapping[str, ResourceState]:
+        return {n: s for n, s in self._catalog.resources().items() if not s.config.dra}
+
+    def wait_for_catalog_change(
+        self, seen_generation: int, stop: threading.Event, timeout: float | None = None
+    ) -> int:
+        return self._catalog.wait_for_catalog_change(seen_generation, stop, timeout)
+
+    def wake(self) -> None:
+        self._catalog.wake()
