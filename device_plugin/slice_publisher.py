@@ -27,6 +27,9 @@ Slices of this node and driver that belong to no configured pool (a removed
 resource, a previous run's leftovers) are deleted; at start existing slices are
 adopted by name (``slices.slice_name``) and rewritten only where they differ.
 
+lightkube is imported inside the functions that call the API (the layering test
+keeps every module importable without it).
+
 Comparison with what the server holds is semantic (``_normalized``): the API
 server rewrites quantities to canonical form, so bytes are compared as numbers.
 """
@@ -41,15 +44,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import httpx2
-from lightkube import ApiError, Client
-from lightkube.resources.core_v1 import Node
-from lightkube.resources.resource_v1 import ResourceSlice
+from typing import TYPE_CHECKING, Any, cast
 
 from device_plugin import metrics, slices
+from device_plugin.config import ResourceConfig
 from device_plugin.registry import Catalog
+
+if TYPE_CHECKING:
+    from lightkube import Client
+    from lightkube.resources.resource_v1 import ResourceSlice
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +218,9 @@ class SlicePublisher:
                 self._clean_round = round_number
                 self._done.notify_all()
 
-    def desired(self) -> dict[str, tuple[str, tuple[slices.DraDevice, ...]]]:
+    def desired(self) -> dict[str, tuple[ResourceConfig, tuple[slices.DraDevice, ...]]]:
         """pool name -> (resource, devices) for every DRA resource of the catalog."""
-        wanted: dict[str, tuple[str, tuple[slices.DraDevice, ...]]] = {}
+        wanted: dict[str, tuple[ResourceConfig, tuple[slices.DraDevice, ...]]] = {}
         for state in self._catalog.resources().values():
             config = state.config
             if not config.dra:
@@ -225,11 +228,13 @@ class SlicePublisher:
             units = state.units
             unhealthy = frozenset(u.id for u in state.snapshot().units if not u.healthy)
             devices = slices.pool_devices(config, units, unhealthy, self._kernel_release)
-            wanted[slices.pool_name(self.node, config.name)] = (config.name, devices)
+            wanted[slices.pool_name(self.node, config)] = (config, devices)
         return wanted
 
     def reconcile(self) -> None:
         """One round: list, compare, write.  Raises on any API failure."""
+        from lightkube.resources.resource_v1 import ResourceSlice
+
         client = self._client
         assert client is not None, "start() first"
         event = self._newest_event()
@@ -262,7 +267,7 @@ class SlicePublisher:
         return max(times) if times else None
 
     def _publish_pool(
-        self, client: Client, driver: str, pool: str, resource: str,
+        self, client: Client, driver: str, pool: str, resource: ResourceConfig,
         devices: tuple[slices.DraDevice, ...], current: list[Any],
         owner: dict[str, str] | None,
     ) -> int:
@@ -303,6 +308,8 @@ class SlicePublisher:
 
     def _create(self, client: Client, spec: slices.SliceSpec,
                 owner: dict[str, str] | None) -> int:
+        from lightkube import ApiError
+
         try:
             created = client.create(_slice(spec, owner))
         except ApiError as exc:
@@ -329,6 +336,9 @@ class SlicePublisher:
         return 1
 
     def _delete(self, client: Client, obj: Any, why: str) -> int:
+        from lightkube import ApiError
+        from lightkube.resources.resource_v1 import ResourceSlice
+
         try:
             client.delete(ResourceSlice, obj.metadata.name)
         except ApiError as exc:
@@ -349,6 +359,9 @@ class SlicePublisher:
     def _node_owner(self, client: Client) -> dict[str, str] | None:
         """The Node as owner of our slices (garbage-collected with it); None while the
         Node object cannot be read (the slices are still published)."""
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Node
+
         if self._owner is None:
             try:
                 node = client.get(Node, self.node)
@@ -365,6 +378,8 @@ class SlicePublisher:
 
     def _watch(self) -> None:
         """Poke a round on every change of our slices that we did not write."""
+        from lightkube.resources.resource_v1 import ResourceSlice
+
         backoff = BACKOFF_INITIAL_SECONDS
         while not self._stop.is_set():
             try:
@@ -401,10 +416,15 @@ class SlicePublisher:
 
 
 def _slice(spec: slices.SliceSpec, owner: dict[str, str] | None) -> ResourceSlice:
+    from lightkube.resources.resource_v1 import ResourceSlice
+
     return cast(ResourceSlice, ResourceSlice.from_dict(spec.as_api(owner)))
 
 
 def _describe(exc: BaseException) -> str:
+    import httpx2
+    from lightkube import ApiError
+
     if isinstance(exc, ApiError):
         return f"API error {exc.status.code} {exc.status.reason}: {exc.status.message}"
     if isinstance(exc, httpx2.HTTPError):

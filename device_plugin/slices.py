@@ -8,11 +8,12 @@ maps an allocation result's pool and device back to a unit with ``pool_name`` an
 
 Naming (``resource.k8s.io/v1`` validation, pkg/apis/resource/validation):
 
-* one pool per resource and node, ``<node>/<resource slug>``: pool names are
-  ``/``-separated DNS subdomains of at most 253 characters, and a pool belongs to one
-  driver, so two resources of one driver need two pools;
+* one pool per resource and node, ``<node>-<resource short name>``: a pool belongs to
+  one driver, so two resources of one driver need two pools;
 * a device's name is a DNS label made from the unit's stable ID (``ttyUSB-3f2a..`` ->
-  ``ttyusb-3f2a..``): the same device keeps its name across restarts and re-plugging;
+  ``ttyusb-3f2a..``): the same device keeps its name across restarts and re-plugging.
+  Both names come from ``device_plugin.dra.devices`` (``pool_name``, ``device_name``),
+  where the kubelet side maps an allocation result back to a unit: one definition;
 * slices are named ``<node>-<resource slug>-<index>`` (shortened with a hash when
   longer than an object name may be), so a restarted driver finds and adopts them.
 
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from device_plugin.config import ResourceConfig
+from device_plugin.dra import devices as dra_devices
+from device_plugin.dra.devices import device_name
 from device_plugin.matching import Ancestor, DeviceInfo
 from device_plugin.units import Unit
 
@@ -50,7 +53,6 @@ MAX_DEVICES_PER_SLICE = 128
 # Attributes plus capacities of one device.
 MAX_ATTRIBUTES_PER_DEVICE = 32
 MAX_STRING_BYTES = 64
-MAX_POOL_NAME = 253
 MAX_OBJECT_NAME = 253
 STANDARD_PCI_BUS_ID = "resource.kubernetes.io/pciBusID"
 
@@ -140,15 +142,9 @@ def resource_slug(resource: str) -> str:
     return _label(resource.split("/", 1)[-1])
 
 
-def device_name(unit_id: str) -> str:
-    """The DRA device name of a unit: its stable ID as a DNS label."""
-    return _label(unit_id)
-
-
-def pool_name(node: str, resource: str) -> str:
-    """This node's pool of ``resource``: ``<node>/<slug>``."""
-    node_part = node if len(node) <= MAX_POOL_NAME - 64 else _label(node)
-    return f"{node_part}/{resource_slug(resource)}"
+def pool_name(node: str, config: ResourceConfig) -> str:
+    """This node's pool of the resource ``config``."""
+    return dra_devices.pool_name(node, config)
 
 
 def slice_name(node: str, resource: str, index: int) -> str:
@@ -335,16 +331,17 @@ def pool_devices(
 
 
 def plan_pool(
-    driver: str, node: str, resource: str, devices: Sequence[DraDevice], generation: int,
+    driver: str, node: str, config: ResourceConfig, devices: Sequence[DraDevice],
+    generation: int,
     max_per_slice: int = MAX_DEVICES_PER_SLICE,
 ) -> tuple[SliceSpec, ...]:
     """The slices of one pool: devices in name order, ``max_per_slice`` per slice; an
     empty pool is one empty slice (an empty pool is not the same as no pool)."""
     chunks = [tuple(devices[i:i + max_per_slice])
               for i in range(0, len(devices), max_per_slice)] or [()]
-    pool = pool_name(node, resource)
+    pool = pool_name(node, config)
     return tuple(
-        SliceSpec(slice_name(node, resource, i), driver, node, pool, generation, len(chunks),
+        SliceSpec(slice_name(node, config.name, i), driver, node, pool, generation, len(chunks),
                   chunk)
         for i, chunk in enumerate(chunks)
     )

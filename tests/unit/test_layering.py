@@ -180,7 +180,7 @@ def test_the_dra_domain_imports_no_wire_module():
 def test_the_api_client_is_imported_only_inside_functions():
     """lightkube may be imported only where a DRA object is built, never at module level,
     so importing any module of the daemon does not load it."""
-    offenders = {}
+    offenders: dict[str, list[str]] = {}
     for relative in _modules():
         tree = ast.parse((ROOT / relative).read_text(encoding="utf-8"), str(relative))
         for node in tree.body:

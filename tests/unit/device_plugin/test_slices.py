@@ -7,6 +7,7 @@ import re
 import pytest
 
 from device_plugin.config import parse_yaml
+from device_plugin.dra.devices import device_name
 from device_plugin.matching import Ancestor, DeviceInfo
 from device_plugin.slices import (
     MAX_ATTRIBUTES_PER_DEVICE,
@@ -14,7 +15,6 @@ from device_plugin.slices import (
     STANDARD_PCI_BUS_ID,
     attribute_name_problem,
     device_attributes,
-    device_name,
     dra_device,
     plan_pool,
     pool_devices,
@@ -119,7 +119,8 @@ def test_device_and_pool_names_are_valid_and_stable():
     assert device_name("a_b.c-0") == "a-b-c-0"
     long_id = "X" * 63
     assert DNS_LABEL.fullmatch(device_name(long_id))
-    assert pool_name("node-1", "hostkit.io/usb_serial") == "node-1/usb-serial"
+    config = parse_yaml("resources: [{name: usb_serial, dra: true, match: [{subsystem: tty}]}]")
+    assert pool_name("node-1", config.resources[0]) == "node-1-usb-serial"
     assert slice_name("node-1", "hostkit.io/loop", 17) == "node-1-loop-00011"
     assert len(slice_name("n" * 253, "hostkit.io/loop", 0)) <= 253
 
@@ -140,7 +141,7 @@ def test_pools_split_at_128_devices(count, slices):
     config = parse_yaml("resources: [{name: loop, dra: true, match: [{subsystem: block}]}]")
     units = build_units(config.resources[0], [loop(i) for i in range(count)])
     devices = pool_devices(config.resources[0], units)
-    plan = plan_pool("hostkit.io", "node-1", "hostkit.io/loop", devices, generation=4)
+    plan = plan_pool("hostkit.io", "node-1", config.resources[0], devices, generation=4)
     assert len(plan) == slices
     assert all(s.slice_count == slices and s.generation == 4 for s in plan)
     assert all(len(s.devices) <= 128 for s in plan)
@@ -148,7 +149,7 @@ def test_pools_split_at_128_devices(count, slices):
     names = [d.name for s in plan for d in s.devices]
     assert len(set(names)) == count
     spec = plan[0].spec()
-    assert spec["pool"] == {"name": "node-1/loop", "generation": 4,
+    assert spec["pool"] == {"name": "node-1-loop", "generation": 4,
                             "resourceSliceCount": slices}
     assert spec["nodeName"] == "node-1" and spec["driver"] == "hostkit.io"
 
