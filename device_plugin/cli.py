@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on HOST:PORT (off when unset)",
     )
     serve.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="API server access for DRA resources when running outside a pod (default: the "
+        "pod's service account); unused when no resource uses DRA",
+    )
+    serve.add_argument(
+        "--node-name",
+        metavar="NAME",
+        help="this node's name for DRA ResourceSlices (default: $NODE_NAME, else the host name)",
+    )
+    serve.add_argument(
         "--health-address",
         metavar="HOST:PORT",
         help="serve GET /healthz for a liveness probe on HOST:PORT (off when unset)",
@@ -151,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     from device_plugin.config import ConfigError
     from device_plugin.lifecycle import PluginManager, socket_name
     from device_plugin.plugin import DevicePluginDomain
+    from device_plugin.registry import DevicePluginView
     from plugin_runtime.errors import DomainError
     from plugin_runtime.metrics import parse_address, start_metrics_endpoint
     from plugin_runtime.server import ShutdownSignals
@@ -184,9 +196,17 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         domain.stop()
         return EXIT_FAILED
-    manager = PluginManager(domain.catalog, args.kubelet_dir)
+    manager = PluginManager(DevicePluginView(domain.catalog), args.kubelet_dir)
     health: HttpEndpoint | None = None
+    publisher = None
     try:
+        if domain.config.dra_enabled:
+            # Only now is the API client imported: a device-plugin-only process never is.
+            try:
+                publisher = _start_slice_publisher(domain, args)
+            except DomainError as exc:
+                log.error("cannot publish DRA resources: %s", exc)
+                return EXIT_BAD_INPUT
         manager.start()
         if health_address is not None:
             health = _start_health_endpoint(health_address, manager.healthy)
@@ -200,11 +220,27 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if health is not None:
             health.stop()
+        if publisher is not None:
+            publisher.stop()
         manager.stop()
         domain.stop()
         if metrics is not None:
             metrics.stop()
     return EXIT_OK
+
+
+def _start_slice_publisher(domain: Any, args: argparse.Namespace) -> Any:
+    """Build the API client (``--kubeconfig`` or the service account) and start
+    publishing the DRA resources as ResourceSlices."""
+    from device_plugin.kube import ApiAccess, make_client, node_name
+    from device_plugin.slice_publisher import SlicePublisher
+
+    access = ApiAccess(args.kubeconfig)
+    make_client(access).close()  # a bad configuration fails here, before any thread
+    publisher = SlicePublisher(domain.catalog, lambda: make_client(access),
+                               node_name(args.node_name))
+    publisher.start()
+    return publisher
 
 
 def _start_health_endpoint(
