@@ -16,13 +16,14 @@ triggered by
   jitter; the change is not lost, since the next round recomputes it), and
 * a slow resync (``resync_seconds``), the safety net for a missed watch event.
 
-Writes per pool follow the upstream controller's rules (dynamic-resource-
-allocation/resourceslice): a round that changes exactly one existing slice
-updates it in place under the same pool generation; any other change (slices
-created or removed, several slices changed: devices shift between slices when one
-is added) publishes the whole pool under generation + 1, so the scheduler, which
-uses only the newest generation and waits for ``resourceSliceCount`` slices,
-never sees a device twice.  Order: delete obsolete slices, update, create.
+Writes per pool: any change of a pool's content publishes the whole pool under
+generation + 1 (the scheduler uses only the newest generation and waits for
+``resourceSliceCount`` slices, so it never sees a device twice while devices shift
+between slices), one write per slice: a pool of up to 128 devices costs one write
+per change.  (The upstream controller keeps the generation when exactly one slice
+changes, saving writes in large pools; we follow the rule that every device change
+is a new generation, which consumers can rely on.)  Order: delete obsolete slices,
+update, create.
 Slices of this node and driver that belong to no configured pool (a removed
 resource, a previous run's leftovers) are deleted; at start existing slices are
 adopted by name (``slices.slice_name``) and rewritten only where they differ.
@@ -136,6 +137,7 @@ class SlicePublisher:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._clean_round = 0
+        self._started_rounds = 0
         self.stats = PublishStats()
         catalog.subscribe(self.poke)
 
@@ -172,9 +174,15 @@ class SlicePublisher:
         """Request a round (non-blocking; called from discovery and health threads)."""
         self._wake.set()
 
+    def round_mark(self) -> int:
+        """The number of rounds started so far: a round numbered above it starts after
+        this call, so it sees every change made before the call."""
+        with self._lock:
+            return self._started_rounds
+
     def wait_clean(self, after_round: int, timeout: float) -> bool:
-        """Block until a round numbered above ``after_round`` completed without error
-        (for tests and benchmarks); False on timeout."""
+        """Block until a round numbered above ``after_round`` (see ``round_mark``)
+        completed without error (for tests and benchmarks); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._done:
             while self._clean_round <= after_round:
@@ -199,8 +207,10 @@ class SlicePublisher:
             if self._stop.is_set():
                 return
             self._wake.clear()
-            self.stats.rounds += 1
-            round_number = self.stats.rounds
+            with self._lock:
+                self._started_rounds += 1
+                round_number = self._started_rounds
+            self.stats.rounds = round_number
             try:
                 self.reconcile()
             except Exception as exc:
@@ -285,20 +295,15 @@ class SlicePublisher:
         ):
             return 0
         writes = 0
-        if len(changed) == 1 and not (obsolete or missing or stale_generation) and all(
-            by_name[s.name].spec.pool.resourceSliceCount == len(plan) for s in plan
-        ):
-            writes += self._replace(client, by_name[changed[0].name], changed[0], owner)
-        else:
-            generation += 1
-            plan = slices.plan_pool(driver, self.node, resource, devices, generation)
-            for obj in obsolete:
-                writes += self._delete(client, obj, f"pool {pool} shrank")
-            for spec in plan:
-                if spec.name in by_name:
-                    writes += self._replace(client, by_name[spec.name], spec, owner)
-                else:
-                    writes += self._create(client, spec, owner)
+        generation += 1
+        plan = slices.plan_pool(driver, self.node, resource, devices, generation)
+        for obj in obsolete:
+            writes += self._delete(client, obj, f"pool {pool} shrank")
+        for spec in plan:
+            if spec.name in by_name:
+                writes += self._replace(client, by_name[spec.name], spec, owner)
+            else:
+                writes += self._create(client, spec, owner)
         self.stats.generations[pool] = generation
         log.info("pool %s: generation %d, %d devices in %d slices (%d writes)", pool,
                  generation, len(devices), len(plan), writes)
