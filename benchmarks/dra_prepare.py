@@ -90,8 +90,7 @@ def main(rounds: int, kubeconfig: str | None) -> None:
         devices = CatalogDevices(NODE, lambda: {resource.name: state})
         preparer = ClaimPreparer(DRIVER, devices, reader,
                                  CheckpointStore(f"{root}/claims"), f"{root}/cdi", "hostkit.io")
-        feed = HealthFeed(devices, lambda: {resource.name: state})
-        feed.start()
+        feed = HealthFeed(devices)
         plugin = DraPlugin(DRIVER, preparer, feed, root)
         watcher = PluginWatcherStandIn(root)
         watcher.start()
@@ -117,7 +116,7 @@ def main(rounds: int, kubeconfig: str | None) -> None:
             watcher.unprepare(DRIVER, ref)
             plugin.stop()
             watcher.stop()
-            feed.stop()
+            feed.close()
             admin.delete(claim_kind, "bench", namespace="default")
             reader.close()
             admin.close()

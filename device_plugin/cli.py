@@ -260,8 +260,8 @@ class _DraKubeletPlugin:
         self.plugin, self.feed = plugin, feed
 
     def stop(self) -> None:
+        self.feed.close()
         self.plugin.stop()
-        self.feed.stop()
 
 
 def _start_dra_plugin(domain: Any, args: argparse.Namespace) -> _DraKubeletPlugin:
@@ -292,14 +292,13 @@ def _start_dra_plugin(domain: Any, args: argparse.Namespace) -> _DraKubeletPlugi
         CheckpointStore(os.path.join(root, "plugins", driver, "claims")),
         config.cdi.dir, config.cdi.vendor,
     )
-    feed = HealthFeed(devices, dra_resources)
-    domain.catalog.subscribe(feed.follow)
-    feed.start()
+    feed = HealthFeed(devices)
+    domain.catalog.subscribe(feed.changed)
     plugin = DraPlugin(driver, preparer, feed, root)
     try:
         plugin.start()
     except BaseException:
-        feed.stop()
+        feed.close()
         raise
     return _DraKubeletPlugin(plugin, feed)
 

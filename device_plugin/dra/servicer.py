@@ -132,7 +132,7 @@ class ResourceHealth(api.DRAResourceHealthServicer):  # type: ignore[misc]
         yield self._message()
         while not ended.is_set():
             seen = self._feed.wait(seen, ended, self._feed.resend_seconds)
-            if ended.is_set():
+            if ended.is_set() or self._feed.closed:
                 return
             yield self._message()
 

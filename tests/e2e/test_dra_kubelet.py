@@ -58,14 +58,14 @@ class Driver:
         self.reader = ApiClaimReader(make_client(access))
         self.preparer = ClaimPreparer(DRIVER, devices, self.reader,
                                       self.checkpoints, str(node.cdi_dir), "hostkit.io")
-        self.feed = HealthFeed(devices, resources)
-        self.feed.start()
+        self.feed = HealthFeed(devices)
+        domain.catalog.subscribe(self.feed.changed)
         self.plugin = DraPlugin(DRIVER, self.preparer, self.feed, str(node.kubelet_root))
         self.plugin.start()
 
     def stop(self) -> None:
+        self.feed.close()
         self.plugin.stop()
-        self.feed.stop()
         self.reader.close()
 
 

@@ -116,7 +116,13 @@ def make_driver(kubelet_root: str) -> Iterator[Callable[..., Driver]]:
         }],
     })
     resource = config.resources[0]
-    state = ResourceState(resource)
+    feeds: list[HealthFeed] = []  # every started driver's feed hears of changes
+
+    def changed() -> None:
+        for feed in feeds:
+            feed.changed()
+
+    state = ResourceState(resource, on_change=changed)
     state.update_devices([misc(n.name, str(n)) for n in nodes])
     claims = FakeClaims()
 
@@ -134,8 +140,8 @@ def make_driver(kubelet_root: str) -> Iterator[Callable[..., Driver]]:
         preparer = ClaimPreparer(
             DRIVER, devices, claims, CheckpointStore(str(Path(kubelet_root) / "claims")),
             cdi_dir, "hostkit.io")
-        feed = HealthFeed(devices, lambda: {resource.name: state}, resend_seconds=0.5)
-        feed.start()
+        feed = HealthFeed(devices, resend_seconds=0.5)
+        feeds.append(feed)
         plugin = DraPlugin(DRIVER, preparer, feed, kubelet_root,
                            **{"retry_seconds": 0.1, **plugin_args})
         plugin.start()
@@ -148,7 +154,7 @@ def make_driver(kubelet_root: str) -> Iterator[Callable[..., Driver]]:
         yield start
     finally:
         for plugin, feed, watcher in reversed(started):
+            feed.close()
             plugin.stop()
-            feed.stop()
             if watcher is not None:
                 watcher.stop()

@@ -111,8 +111,8 @@ def test_a_restarted_driver_unprepares_from_its_checkpoint(make_driver):
     driver.watcher.wait_registered(DRIVER)
     driver.claims.put(claim_object("c1", "uid-1", [driver.device(0)], pool=driver.pool))
     prepared = driver.watcher.prepare(DRIVER, [("default", "c1", "uid-1")])
+    driver.feed.close()
     driver.plugin.stop()
-    driver.feed.stop()
     driver.claims.delete("default", "c1")  # the kubelet may unprepare a deleted claim
     again = make_driver(watcher=driver.watcher)
     again.watcher.wait_registered(DRIVER, after=2)

@@ -127,3 +127,29 @@ def test_a_malformed_claim_fails_the_call_with_invalid_argument(make_driver, cla
         driver.watcher.prepare(DRIVER, [claim])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "claims[0]" in (err.value.details() or "")
+
+
+def _bind_over(path: str) -> socket.socket:
+    """A listening socket moved onto ``path`` atomically, as another live instance's."""
+    other = socket.socket(socket.AF_UNIX)
+    temporary = f"{path}.new"
+    other.bind(temporary)
+    other.listen()
+    os.rename(temporary, path)
+    return other
+
+
+def test_a_newer_instance_takes_over_without_a_fight(make_driver):
+    driver = make_driver()
+    plugin = driver.watcher.wait_registered(DRIVER)
+    others = [_bind_over(plugin.endpoint), _bind_over(plugin.registration_socket)]
+    try:
+        wait_until(lambda: driver.plugin._taken_over)
+        time.sleep(0.5)  # several safety and retry periods of the test driver
+        assert driver.plugin.offers == 1 and driver.plugin.reasons == []
+        driver.plugin.stop()  # the old instance leaves the new one's sockets alone
+        assert os.path.exists(plugin.endpoint)
+        assert os.path.exists(plugin.registration_socket)
+    finally:
+        for other in others:
+            other.close()
