@@ -32,8 +32,9 @@ current-context: x
 def test_serve_registers_the_dra_plugin_and_answers_the_kubelet(kubelet_root):
     config = os.path.join(kubelet_root, "config.yaml")
     with open(config, "w") as f:
-        f.write("cdi: {dir: %s}\n" % os.path.join(kubelet_root, "cdi")
-                + "resources: [{name: zero, dra: true, match: [{subsystem: mem, kernel: zero}]}]\n")
+        cdi = os.path.join(kubelet_root, "cdi")
+        f.write(f"cdi: {{dir: {cdi}}}\n"
+                "resources: [{name: zero, dra: true, match: [{subsystem: mem, kernel: zero}]}]\n")
     kubeconfig = os.path.join(kubelet_root, "kubeconfig")
     with open(kubeconfig, "w") as f:
         f.write(KUBECONFIG)
