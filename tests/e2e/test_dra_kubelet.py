@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+from lightkube.resources.core_v1 import Pod
 
 from device_plugin.config import parse_config
 from device_plugin.dra.checkpoint import CheckpointStore
@@ -69,18 +70,25 @@ class Driver:
         self.reader.close()
 
 
-@pytest.fixture
-def dra_domain(cluster: Node) -> Iterator[DevicePluginDomain]:
-    config = parse_config({
+def _config(cluster: Node, healthy_dev: str = "1:7") -> Any:
+    """/dev/full through DRA; its health probe reads the sysfs ``dev`` attribute, so a
+    reload with another expected value turns the device unhealthy."""
+    return parse_config({
         "cdi": {"dir": str(cluster.cdi_dir)},
         "resources": [{
             "name": "memfull",
             "dra": True,
             "match": [{"subsystem": "mem", "kernel": "full"}],
             "env": {"MEMFULL_ID": "{ids}", "MEMFULL_PATHS": "{paths}"},
+            "health": {"probe": "attribute", "attribute": "dev",
+                       "healthy_values": [healthy_dev]},
         }],
     })
-    domain = DevicePluginDomain(config=config)
+
+
+@pytest.fixture
+def dra_domain(cluster: Node) -> Iterator[DevicePluginDomain]:
+    domain = DevicePluginDomain(config=_config(cluster))
     domain.start()
     clients: list[Any] = []
 
@@ -105,6 +113,24 @@ def _claim_pod(name: str, claim: str) -> Any:
     pod.spec.resourceClaims = [{"name": "mem", "resourceClaimName": claim}]
     pod.spec.containers[0].resources = {"claims": [{"name": "mem"}]}
     return pod
+
+
+def _resource_health(client: Any, cdi_id: str, health: str = "Healthy") -> dict[str, Any]:
+    """The pod's ``allocatedResourcesStatus`` entry of our device once it says ``health``."""
+    def entry(pod: Any) -> dict[str, Any] | None:
+        for status in (pod.status.containerStatuses or []):
+            for allocated in (status.allocatedResourcesStatus or []):
+                for resource in allocated.resources or []:
+                    if allocated.name == "claim:mem" and resource.resourceID == cdi_id:
+                        return {"health": resource.health, "message": resource.message or ""}
+        return None
+
+    pod = kube.wait_for(lambda: client.get(Pod, "dra-memfull", namespace="default"),
+                        lambda p: (entry(p) or {}).get("health") == health,
+                        f"{cdi_id} {health} in the pod status")
+    found = entry(pod)
+    assert found is not None
+    return found
 
 
 def test_a_pod_gets_the_claimed_device_through_the_real_kubelet(cluster: Node, dra_domain):
@@ -143,6 +169,17 @@ def test_a_pod_gets_the_claimed_device_through_the_real_kubelet(cluster: Node, d
         spec = cluster.cdi_dir / f"hostkit.io-claim_{uid}.json"
         assert spec.exists()
         assert [c.uid for c in driver.preparer.prepared()] == [uid]
+
+        # The kubelet follows our health stream into the pod's status, by the
+        # device's CDI ID: Healthy, then Unhealthy with our reason after a reload
+        # whose probe fails.
+        cdi_id = f"hostkit.io/claim={uid}-{result['device']}"
+        assert _resource_health(client, cdi_id)["health"] == "Healthy"
+        dra_domain.catalog.apply_config(_config(cluster, healthy_dev="0:0"))
+        unhealthy = _resource_health(client, cdi_id, "Unhealthy")
+        assert "attribute dev is '1:7'" in unhealthy.get("message", "")
+        dra_domain.catalog.apply_config(_config(cluster))
+        _resource_health(client, cdi_id, "Healthy")
 
         # A driver restart while the pod runs changes nothing: the checkpoint carries it.
         driver.stop()
