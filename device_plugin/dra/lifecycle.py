@@ -240,7 +240,10 @@ class DraPlugin:
                         reasons += self._reasons(watch.read(0), i == 0)
                         if not os.path.isdir(watch.directory):
                             watch.close()
-                            watches[i] = self._rewatch(watch.directory)
+                            rewatched = self._rewatch(watch.directory)
+                            if rewatched is None:
+                                return  # stopping
+                            watches[i] = rewatched
                 with self._lock:
                     if self._retry_at is not None and self._retry_at <= time.monotonic():
                         self._retry_at = None
@@ -255,15 +258,16 @@ class DraPlugin:
             for watch in watches:
                 watch.close()
 
-    def _rewatch(self, directory: str) -> inotify.DirectoryWatch:
-        while True:
+    def _rewatch(self, directory: str) -> inotify.DirectoryWatch | None:
+        """Watch ``directory`` again after it was removed (None once stopping)."""
+        while not self._stopping.is_set():
             try:
                 os.makedirs(directory, mode=0o750, exist_ok=True)
                 return inotify.DirectoryWatch(directory, _MASK)
             except OSError as exc:
                 log.warning("cannot watch %s: %s", directory, exc)
-                if self._stopping.wait(1.0):
-                    raise
+                self._stopping.wait(1.0)
+        return None
 
     def _reasons(self, events: list[inotify.Event], registry: bool) -> list[str]:
         if any(e.overflow or e.mask & (inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF)

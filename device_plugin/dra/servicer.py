@@ -32,7 +32,9 @@ from plugin_runtime.rpc import RpcBoundary, StreamCall
 
 _V1 = RpcBoundary(api.V1_VERSION)
 _V1BETA1 = RpcBoundary(api.V1BETA1_VERSION)
-_HEALTH = RpcBoundary(api.HEALTH_VERSION)
+# The kubelet cancels the health stream whenever it drops the connection
+# (deregistration, re-registration, its own restart): not worth a WARNING.
+_HEALTH = RpcBoundary(api.HEALTH_VERSION, quiet=frozenset({"NodeWatchResources"}))
 _REGISTRATION = RpcBoundary(api.REGISTRATION_SERVICE)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 
@@ -153,3 +154,12 @@ def test_a_newer_instance_takes_over_without_a_fight(make_driver):
     finally:
         for other in others:
             other.close()
+
+
+def test_a_removed_plugin_directory_is_made_again_and_served(make_driver):
+    driver = make_driver()
+    plugin = driver.watcher.wait_registered(DRIVER)
+    shutil.rmtree(os.path.dirname(plugin.endpoint))
+    driver.watcher.wait_registered(DRIVER, after=2)
+    assert DRA_SOCKET_GONE in driver.plugin.reasons
+    assert driver.watcher.unprepare(DRIVER, [("ns", "c", "u-1")]).claims["u-1"].error == ""
