@@ -14,13 +14,16 @@ For each claim the kubelet names, ``ClaimPreparer.prepare``:
    a device's edits come from its resource's configuration);
 4. writes one CDI spec for the claim (``<cdi dir>/<vendor>-claim_<uid>.json``,
    kind ``<vendor>/claim``, one CDI device ``<uid>-<device>`` per device with
-   its nodes, the resource's mounts and environment), then the checkpoint;
+   its nodes, the resource's mounts and environment; none when the claim has
+   no device of ours), then the checkpoint;
 5. returns per device its base request name, pool, device, CDI ID and share ID.
 
 A problem with one claim is that claim's ``error`` (``ClaimOutcome.error``),
-never a failure of the others.  ``unprepare`` removes the spec and the
-checkpoint (spec first: a crash in between leaves a checkpoint, and the
-repeated unprepare finishes); an unknown claim is success.
+never a gRPC error of the call; the other claims of that call are then answered
+with an error too and left unprepared (all or nothing, see ``prepare``).
+``unprepare`` removes the spec and the checkpoint (spec first: a crash in
+between leaves a checkpoint, and the repeated unprepare finishes); an unknown
+claim is success.
 
 Environment: the resource's ``env`` templates are rendered per device with
 ``{ids}`` that unit's ID, ``{paths}`` its container paths, ``{count}`` 1 and
@@ -160,19 +163,39 @@ class ClaimPreparer:
     # --- prepare -----------------------------------------------------------------------
 
     def prepare(self, refs: Sequence[ClaimRef]) -> dict[str, ClaimOutcome]:
-        """One outcome per claim UID; raises only for a malformed request."""
+        """One outcome per claim UID; raises only for a malformed request.
+
+        All or nothing: when a claim fails, the claims this call prepared are
+        unprepared again and answered with an error naming the failed ones.  The
+        kubelet fails the whole call on any claim error, yet caches the devices of
+        the claims that succeeded and appends them again on its retry; answering no
+        devices for a failing call keeps its cache free of duplicates."""
         validate_refs(refs)
         outcomes: dict[str, ClaimOutcome] = {}
         with self._lock:
+            fresh: list[ClaimRef] = []
             for ref in refs:
+                known = self._store.get(ref.uid) is not None
                 try:
                     outcomes[ref.uid] = ClaimOutcome(self._prepare_one(ref))
+                    if not known:
+                        fresh.append(ref)
                 except (ClaimProblem, DomainError) as exc:
                     log.warning("cannot prepare claim %s: %s", ref, exc)
                     outcomes[ref.uid] = ClaimOutcome(error=str(exc))
                 except OSError as exc:
                     log.error("cannot prepare claim %s: %s", ref, exc)
                     outcomes[ref.uid] = ClaimOutcome(error=f"writing the claim's files: {exc}")
+            failed = [r for r in refs if outcomes[r.uid].error]
+            if failed:
+                names = ", ".join(f"{r.namespace}/{r.name}" for r in failed)
+                for ref in refs:
+                    if outcomes[ref.uid].error:
+                        continue
+                    if ref in fresh:
+                        self._unprepare_one(ref)
+                    outcomes[ref.uid] = ClaimOutcome(
+                        error=f"not prepared: other claims of this request failed ({names})")
         return outcomes
 
     def _prepare_one(self, ref: ClaimRef) -> tuple[PreparedDevice, ...]:
@@ -187,10 +210,12 @@ class ClaimPreparer:
         if not claim.allocated:
             raise ClaimProblem(f"ResourceClaim {ref.namespace}/{ref.name} is not allocated")
         located = self._locate(claim)
-        spec_path = cdi_spec_path(self.cdi_dir, self.cdi_vendor, claim.uid)
-        spec = build_claim_spec(self.cdi_vendor, claim.uid, (d for d, _ in located))
-        write_atomically(spec_path,
-                         (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+        spec_path = ""
+        if located:  # a spec without devices is invalid CDI: none for a claim with no devices
+            spec_path = cdi_spec_path(self.cdi_dir, self.cdi_vendor, claim.uid)
+            spec = build_claim_spec(self.cdi_vendor, claim.uid, (d for d, _ in located))
+            write_atomically(spec_path,
+                             (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
         prepared = tuple(
             PreparedDevice(
                 request_names=(result.base_request,),
@@ -270,7 +295,7 @@ class ClaimPreparer:
     def _unprepare_one(self, ref: ClaimRef) -> None:
         record = self._store.get(ref.uid)
         paths = {cdi_spec_path(self.cdi_dir, self.cdi_vendor, ref.uid)}
-        if record is not None:
+        if record is not None and record.cdi_spec:
             paths.add(record.cdi_spec)  # written under another CDI dir before a reload
         removed = False
         for path in sorted(paths):
