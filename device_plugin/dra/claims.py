@@ -3,10 +3,11 @@
 The kubelet's NodePrepareResources names a claim (namespace, name, UID) and
 nothing more: the driver reads the claim itself and takes from
 ``status.allocation`` the results of its own driver (a claim may hold devices
-of several drivers) and the opaque configs meant for it.  (Who the claim is
-reserved for is the kubelet's check, before it calls the driver.)  ``parse_claim`` turns the API object (as a plain mapping, camelCase keys
-as on the wire) into the frozen ``ResourceClaim`` below; it is pure, so the
-rules are tested without a server.
+of several drivers) and the opaque configs meant for it.  Who the claim is
+reserved for is the kubelet's check, made before it calls the driver.
+``parse_claim`` turns the API object (as a plain mapping, camelCase keys as on
+the wire) into the frozen ``ResourceClaim`` below; it is pure, so the rules are
+tested without a server.
 
 ``ApiClaimReader`` does the GET through lightkube.  lightkube is imported when a
 reader is built, never at module import, so the device-plugin-only process
