@@ -3,7 +3,9 @@
 For each claim the kubelet names, ``ClaimPreparer.prepare``:
 
 1. answers from the checkpoint when the claim (same UID) is already prepared,
-   so a repeated call returns exactly what the first one did and reads nothing;
+   so a repeated call returns exactly what the first one did and reads nothing
+   (its CDI spec is written again if it is gone, e.g. after a reboot emptied a
+   tmpfs CDI directory);
 2. otherwise reads the claim from the API server, checks its UID (a claim
    deleted and re-created under the same name is another claim) and that it is
    allocated, and takes the results of this driver;
@@ -201,6 +203,8 @@ class ClaimPreparer:
     def _prepare_one(self, ref: ClaimRef) -> tuple[PreparedDevice, ...]:
         done = self._store.get(ref.uid)
         if done is not None:
+            if done.cdi_spec and not os.path.exists(done.cdi_spec):
+                self._rewrite_spec(done)
             return done.devices
         claim = self._reader.get(ref.namespace, ref.name)
         if claim.uid != ref.uid:
@@ -233,6 +237,25 @@ class ClaimPreparer:
         log.info("prepared claim %s: %s", ref,
                  ", ".join(f"{d.pool}/{d.device}" for d in prepared) or "no devices")
         return prepared
+
+    def _rewrite_spec(self, done: PreparedClaim) -> None:
+        """A prepared claim whose CDI spec is gone: the CDI directory is often on tmpfs
+        (``/var/run/cdi``) while checkpoints survive a reboot, and the kubelet then
+        prepares the claim again for the new sandbox.  Write the spec anew from the
+        checkpoint's devices as they are plugged in now."""
+        located = []
+        for prepared in done.devices:
+            device = self._devices.lookup(prepared.pool, prepared.device)
+            if device is None:
+                raise ClaimProblem(
+                    f"device {prepared.pool}/{prepared.device} of the prepared claim is not "
+                    "on this node now, and its CDI spec is gone")
+            located.append(device)
+        spec = build_claim_spec(self.cdi_vendor, done.uid, located)
+        write_atomically(done.cdi_spec,
+                         (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+        log.warning("CDI spec of prepared claim %s/%s was gone; wrote it again",
+                    done.namespace, done.name)
 
     def _locate(self, claim: ResourceClaim) -> list[tuple[LocatedDevice, AllocationResult]]:
         in_use = self._in_use(exclude=claim.uid)

@@ -57,6 +57,21 @@ def test_prepare_and_unprepare_are_idempotent(make_driver):
         assert driver.preparer.prepared() == []
 
 
+def test_a_lost_cdi_spec_is_written_again_on_the_next_prepare(make_driver):
+    """After a reboot a tmpfs CDI directory is empty while the checkpoint survives."""
+    driver = make_driver()
+    driver.watcher.wait_registered(DRIVER)
+    driver.claims.put(claim_object("c1", "uid-1", [driver.device(0)], pool=driver.pool))
+    first = driver.watcher.prepare(DRIVER, [("default", "c1", "uid-1")])
+    spec_path = os.path.join(driver.cdi_dir, "hostkit.io-claim_uid-1.json")
+    with open(spec_path, "rb") as handle:
+        spec = handle.read()
+    os.unlink(spec_path)
+    assert driver.watcher.prepare(DRIVER, [("default", "c1", "uid-1")]) == first
+    with open(spec_path, "rb") as handle:
+        assert handle.read() == spec
+
+
 def test_each_claim_gets_its_own_error(make_driver):
     driver = make_driver()
     driver.watcher.wait_registered(DRIVER)
