@@ -6,7 +6,7 @@ import json
 import os
 
 from device_plugin.dra import api
-from tests.grpc.dra.conftest import DRIVER, claim_object
+from tests.grpc.dra.doubles import DRIVER, claim_object
 
 
 def _devices(response, uid):

@@ -26,7 +26,7 @@ from device_plugin.dra.health import HealthFeed
 from device_plugin.dra.lifecycle import DraPlugin
 from device_plugin.dra.prepare import ClaimPreparer
 from device_plugin.plugin import DevicePluginDomain
-from tests.grpc.dra.conftest import FakeClaims, claim_object
+from tests.grpc.dra.doubles import FakeClaims, claim_object
 from tests.kernel.device_plugin.test_loop_hotplug import (
     WAIT,
     LoopDevices,
