@@ -32,7 +32,6 @@ from tests.unit.device_plugin.records import misc
 NODE = "node-a"
 
 
-
 @dataclass
 class Driver:
     root: str
