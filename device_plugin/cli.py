@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pod's service account); unused when no resource uses DRA",
     )
     serve.add_argument(
+        "--kubelet-root",
+        metavar="DIR",
+        help="the kubelet's root directory, where DRA plugins register (plugins_registry/) and "
+        "serve (plugins/<driver>/); default: the parent of --kubelet-dir",
+    )
+    serve.add_argument(
         "--node-name",
         metavar="NAME",
         help="this node's name for DRA ResourceSlices (default: $NODE_NAME, else the host name)",
@@ -275,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
     health: HttpEndpoint | None = None
     publisher = None
     held_collector = None
+    dra_plugin = None
     try:
         if domain.config.dra_enabled:
             # Only now is the API client imported: a device-plugin-only process never is.
@@ -283,6 +290,7 @@ def _serve(args: argparse.Namespace) -> int:
             except DomainError as exc:
                 log.error("cannot publish DRA resources: %s", exc)
                 return EXIT_BAD_INPUT
+            dra_plugin = _start_dra_plugin(domain, args)
         manager.start()
         if metrics is not None:
             held_collector = _collect_held_vanished(domain, args)
@@ -298,6 +306,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if health is not None:
             health.stop()
+        if dra_plugin is not None:
+            dra_plugin.stop()
         if publisher is not None:
             publisher.stop()
         if held_collector is not None:
@@ -341,6 +351,56 @@ def _start_slice_publisher(domain: Any, args: argparse.Namespace) -> Any:
                                node_name(args.node_name))
     publisher.start()
     return publisher
+
+
+class _DraKubeletPlugin:
+    """The kubelet side of DRA as the CLI starts and stops it."""
+
+    def __init__(self, plugin: Any, feed: Any) -> None:
+        self.plugin, self.feed = plugin, feed
+
+    def stop(self) -> None:
+        self.feed.close()
+        self.plugin.stop()
+
+
+def _start_dra_plugin(domain: Any, args: argparse.Namespace) -> _DraKubeletPlugin:
+    """Serve the kubelet's DRA plugin API (prepare/unprepare, health) for the DRA
+    resources and register it through the plugin watcher.  Claims are read with the
+    same API access as the slice publisher; prepared claims are checkpointed under
+    ``<kubelet root>/plugins/<driver>/claims``."""
+    import os
+
+    from device_plugin.dra.checkpoint import CheckpointStore
+    from device_plugin.dra.claims import ApiClaimReader
+    from device_plugin.dra.devices import CatalogDevices
+    from device_plugin.dra.health import HealthFeed
+    from device_plugin.dra.lifecycle import DraPlugin
+    from device_plugin.dra.prepare import ClaimPreparer
+    from device_plugin.kube import ApiAccess, make_client, node_name
+
+    config = domain.config
+    driver = config.dra.driver
+    root = args.kubelet_root or os.path.dirname(os.path.abspath(args.kubelet_dir))
+
+    def dra_resources() -> dict[str, Any]:
+        return {n: s for n, s in domain.catalog.resources().items() if s.config.dra}
+
+    devices = CatalogDevices(node_name(args.node_name), dra_resources)
+    preparer = ClaimPreparer(
+        driver, devices, ApiClaimReader(make_client(ApiAccess(args.kubeconfig))),
+        CheckpointStore(os.path.join(root, "plugins", driver, "claims")),
+        config.cdi.dir, config.cdi.vendor,
+    )
+    feed = HealthFeed(devices)
+    domain.catalog.subscribe(feed.changed)
+    plugin = DraPlugin(driver, preparer, feed, root)
+    try:
+        plugin.start()
+    except BaseException:
+        feed.close()
+        raise
+    return _DraKubeletPlugin(plugin, feed)
 
 
 def _start_health_endpoint(

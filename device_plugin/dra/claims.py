@@ -181,3 +181,7 @@ class ApiClaimReader:
                     f"reading ResourceClaim {namespace}/{name} failed: {exc}") from exc
             raise
         return parse_claim(obj.to_dict())
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self._client.close()

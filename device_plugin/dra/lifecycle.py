@@ -25,8 +25,11 @@ Re-registration, like the device plugin's rules:
 * a kubelet restart needs nothing: the plugin watcher registers the sockets it
   finds at start;
 * a socket file left by a dead instance is removed before binding
-  (``UnixSocketServer``); on stop both sockets go, the registration socket
-  first, so the kubelet deregisters the driver.
+  (``UnixSocketServer``); on stop both sockets go (only if still ours), the
+  registration socket first, so the kubelet deregisters the driver;
+* a socket replaced by another live instance (a rolling update that overlaps
+  two pods) is left to it: this instance keeps serving its open connections
+  until it is stopped, and never re-creates the path, so the two never fight.
 
 inotify on both directories drives all of it; a slow safety check
 (``idle_seconds``) repairs a missed event.
@@ -55,6 +58,9 @@ REFUSED = "kubelet refused the registration"
 REG_SOCKET_GONE = "registration socket deleted"
 DRA_SOCKET_GONE = "DRA socket deleted"
 SAFETY_CHECK = "safety check"
+
+# How long a missing socket must stay missing before we serve it again.
+SETTLE_SECONDS = 0.1
 
 _MASK = (inotify.IN_DELETE | inotify.IN_MOVED_FROM | inotify.IN_CREATE | inotify.IN_MOVED_TO
          | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF)
@@ -101,6 +107,7 @@ class DraPlugin:
         self._registration: UnixSocketServer | None = None
         self._retry_at: float | None = None
         self._backoff = retry_seconds
+        self._taken_over = False
         # Observable state (tests, status, metrics).
         self.registered: bool | None = None  # None: no word from the kubelet yet
         self.last_error = ""
@@ -233,7 +240,10 @@ class DraPlugin:
                         reasons += self._reasons(watch.read(0), i == 0)
                         if not os.path.isdir(watch.directory):
                             watch.close()
-                            watches[i] = self._rewatch(watch.directory)
+                            rewatched = self._rewatch(watch.directory)
+                            if rewatched is None:
+                                return  # stopping
+                            watches[i] = rewatched
                 with self._lock:
                     if self._retry_at is not None and self._retry_at <= time.monotonic():
                         self._retry_at = None
@@ -248,15 +258,16 @@ class DraPlugin:
             for watch in watches:
                 watch.close()
 
-    def _rewatch(self, directory: str) -> inotify.DirectoryWatch:
-        while True:
+    def _rewatch(self, directory: str) -> inotify.DirectoryWatch | None:
+        """Watch ``directory`` again after it was removed (None once stopping)."""
+        while not self._stopping.is_set():
             try:
                 os.makedirs(directory, mode=0o750, exist_ok=True)
                 return inotify.DirectoryWatch(directory, _MASK)
             except OSError as exc:
                 log.warning("cannot watch %s: %s", directory, exc)
-                if self._stopping.wait(1.0):
-                    raise
+                self._stopping.wait(1.0)
+        return None
 
     def _reasons(self, events: list[inotify.Event], registry: bool) -> list[str]:
         if any(e.overflow or e.mask & (inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF)
@@ -271,19 +282,42 @@ class DraPlugin:
             return [REG_SOCKET_GONE if registry else DRA_SOCKET_GONE]
         return []
 
+    def _socket_state(self, server: UnixSocketServer | None, path: str) -> str:
+        """"ours", "missing", or "other" (another live instance bound the path)."""
+        if server is not None and server.socket_is_ours():
+            return "ours"
+        return "other" if os.path.exists(path) else "missing"
+
     def _act(self, reasons: list[str]) -> None:
-        dra_ok = self._dra is not None and self._dra.socket_is_ours()
-        reg_ok = self._registration is not None and self._registration.socket_is_ours()
-        if not dra_ok and (DRA_SOCKET_GONE in reasons or SAFETY_CHECK in reasons):
+        dra = self._socket_state(self._dra, self.dra_socket)
+        reg = self._socket_state(self._registration, self.registration_socket)
+        if "missing" in (dra, reg) and "other" not in (dra, reg):
+            # A starting instance removes the path before it binds its own socket
+            # there: give it a moment before concluding that the socket is gone.
+            if self._stopping.wait(SETTLE_SECONDS):
+                return
+            dra = self._socket_state(self._dra, self.dra_socket)
+            reg = self._socket_state(self._registration, self.registration_socket)
+        if "other" in (dra, reg):
+            # A newer instance (rolling update) took the path over: fighting over it
+            # would make both re-register forever.  Keep serving what we have until
+            # we are stopped.
+            if not self._taken_over:
+                self._taken_over = True
+                log.warning("DRA driver %s: another instance now serves %s; leaving it",
+                            self.driver,
+                            self.dra_socket if dra == "other" else self.registration_socket)
+            return
+        if dra == "missing" and (DRA_SOCKET_GONE in reasons or SAFETY_CHECK in reasons):
             self.reasons.append(DRA_SOCKET_GONE)
             log.warning("DRA socket %s is gone; serving it again", self.dra_socket)
-            dra, self._dra = self._dra, None
-            if dra is not None:
-                dra.stop(self._stop_grace)
+            server, self._dra = self._dra, None
+            if server is not None:
+                server.stop(self._stop_grace)
             self._start_dra()
             self._offer()
             return
-        if not reg_ok and (REG_SOCKET_GONE in reasons or SAFETY_CHECK in reasons):
+        if reg == "missing" and (REG_SOCKET_GONE in reasons or SAFETY_CHECK in reasons):
             self.reasons.append(REG_SOCKET_GONE)
             log.warning("registration socket %s is gone; offering the driver again",
                         self.registration_socket)

@@ -50,7 +50,7 @@ from device_plugin.dra.checkpoint import (
     PreparedDevice,
     safe_uid,
 )
-from device_plugin.dra.claims import ClaimReader, ResourceClaim
+from device_plugin.dra.claims import AllocationResult, ClaimReader, ResourceClaim
 from device_plugin.dra.devices import DeviceLookup, LocatedDevice
 from plugin_runtime.errors import DomainError, InvalidArgument
 
@@ -209,7 +209,7 @@ class ClaimPreparer:
                  ", ".join(f"{d.pool}/{d.device}" for d in prepared) or "no devices")
         return prepared
 
-    def _locate(self, claim: ResourceClaim) -> list[tuple[LocatedDevice, Any]]:
+    def _locate(self, claim: ResourceClaim) -> list[tuple[LocatedDevice, AllocationResult]]:
         in_use = self._in_use(exclude=claim.uid)
         located = []
         seen: dict[tuple[str, str], LocatedDevice] = {}

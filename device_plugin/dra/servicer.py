@@ -32,7 +32,9 @@ from plugin_runtime.rpc import RpcBoundary, StreamCall
 
 _V1 = RpcBoundary(api.V1_VERSION)
 _V1BETA1 = RpcBoundary(api.V1BETA1_VERSION)
-_HEALTH = RpcBoundary(api.HEALTH_VERSION)
+# The kubelet cancels the health stream whenever it drops the connection
+# (deregistration, re-registration, its own restart): not worth a WARNING.
+_HEALTH = RpcBoundary(api.HEALTH_VERSION, quiet=frozenset({"NodeWatchResources"}))
 _REGISTRATION = RpcBoundary(api.REGISTRATION_SERVICE)
 
 
@@ -132,7 +134,7 @@ class ResourceHealth(api.DRAResourceHealthServicer):  # type: ignore[misc]
         yield self._message()
         while not ended.is_set():
             seen = self._feed.wait(seen, ended, self._feed.resend_seconds)
-            if ended.is_set():
+            if ended.is_set() or self._feed.closed:
                 return
             yield self._message()
 
