@@ -38,6 +38,8 @@ log = logging.getLogger("device_plugin")
 # Same as api.DEFAULT_KUBELET_DIR; spelled out so `discover` never imports gRPC
 # (tests/grpc/device_plugin/test_daemon.py keeps the two equal).
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+# Same as api.POD_RESOURCES_SOCKET (tests/grpc/device_plugin/test_status.py).
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's name for DRA ResourceSlices (default: $NODE_NAME, else the host name)",
     )
     serve.add_argument(
+        "--pod-resources-socket",
+        default=DEFAULT_POD_RESOURCES_SOCKET,
+        metavar="PATH",
+        help="the kubelet's pod-resources socket, read on each /metrics scrape for held "
+        f"devices that vanished (default {DEFAULT_POD_RESOURCES_SOCKET})",
+    )
+    serve.add_argument(
         "--health-address",
         metavar="HOST:PORT",
         help="serve GET /healthz for a liveness probe on HOST:PORT (off when unset)",
@@ -109,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     discover = sub.add_parser("discover", help="print what would be advertised, then exit")
     common(discover)
     discover.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    status = sub.add_parser(
+        "status", help="list each device with the pod, namespace and container holding it "
+        "(the kubelet's pod-resources API), including held devices that vanished")
+    common(status)
+    status.add_argument("--pod-resources-socket", default=DEFAULT_POD_RESOURCES_SOCKET,
+                        metavar="PATH",
+                        help=f"the kubelet's pod-resources socket (default "
+                        f"{DEFAULT_POD_RESOURCES_SOCKET})")
+    status.add_argument("--pod", metavar="NAMESPACE/NAME",
+                        help="only this pod's allocations (pod-resources Get)")
+    status.add_argument("--node-name", metavar="NAME",
+                        help="this node's name, for DRA pool names (default: $NODE_NAME, "
+                        "else the host name)")
+    status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     return parser
 
 
@@ -121,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.command == "discover":
         return _discover(args)
+    if args.command == "status":
+        return _status(args)
     return _serve(args)
 
 
@@ -152,6 +178,55 @@ def _discover(args: argparse.Namespace) -> int:
         print("  ".join([*cells, row[4]]).rstrip())
     if not rows:
         print("(no devices matched)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from device_plugin import podresources
+    from device_plugin.config import ConfigError, load_config
+    from device_plugin.holders import device_status, vanished_held
+    from device_plugin.kube import node_name
+    from device_plugin.plugin import discover
+    from plugin_runtime.errors import DomainError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _bad_config(exc)
+    try:
+        if args.pod:
+            namespace, _, pod = args.pod.partition("/")
+            if not namespace or not pod:
+                print(f"device-plugin: --pod {args.pod!r}: give NAMESPACE/NAME",
+                      file=sys.stderr)
+                return EXIT_BAD_INPUT
+            held = podresources.held_by_pod(namespace, pod, args.pod_resources_socket)
+        else:
+            held = podresources.held_on_node(args.pod_resources_socket)
+    except DomainError as exc:
+        print(f"device-plugin: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    rows = device_status(config, node_name(args.node_name), discover(config), held)
+    if args.pod:
+        rows = [r for r in rows if r.holders]
+    vanished = vanished_held(rows)
+    if args.json:
+        json.dump({"devices": [r.as_dict() for r in rows], "vanished_held": vanished},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    table = [("RESOURCE", "API", "DEVICE", "STATE", "HELD BY")]
+    for r in rows:
+        state = r.health if r.present else "VANISHED"
+        held_by = ", ".join(str(h) for h in r.holders) or "-"
+        table.append((r.resource, r.api, r.device, state, held_by))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join([*(row[i].ljust(widths[i]) for i in range(4)), row[4]]).rstrip())
+    total = sum(vanished.values())
+    if total:
+        print(f"{total} held device(s) no longer present: "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(vanished.items())), file=sys.stderr)
     return EXIT_OK
 
 
@@ -205,6 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
     manager = PluginManager(DevicePluginView(domain.catalog), args.kubelet_dir)
     health: HttpEndpoint | None = None
     publisher = None
+    held_collector = None
     dra_plugin = None
     try:
         if domain.config.dra_enabled:
@@ -216,6 +292,8 @@ def _serve(args: argparse.Namespace) -> int:
                 return EXIT_BAD_INPUT
             dra_plugin = _start_dra_plugin(domain, args)
         manager.start()
+        if metrics is not None:
+            held_collector = _collect_held_vanished(domain, args)
         if health_address is not None:
             health = _start_health_endpoint(health_address, manager.healthy)
         log.info(
@@ -232,11 +310,33 @@ def _serve(args: argparse.Namespace) -> int:
             dra_plugin.stop()
         if publisher is not None:
             publisher.stop()
+        if held_collector is not None:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.unregister(held_collector)
         manager.stop()
         domain.stop()
         if metrics is not None:
             metrics.stop()
     return EXIT_OK
+
+
+def _collect_held_vanished(domain: Any, args: argparse.Namespace) -> Any:
+    """Export the held-but-vanished device count on /metrics (read at each scrape)."""
+    from prometheus_client import REGISTRY
+
+    from device_plugin.holders import device_status
+    from device_plugin.kube import node_name
+    from device_plugin.plugin import catalog_devices
+    from device_plugin.podresources import HeldVanishedCollector
+
+    node = node_name(args.node_name)
+    collector = HeldVanishedCollector(
+        lambda held: device_status(domain.config, node, catalog_devices(domain.catalog), held),
+        args.pod_resources_socket,
+    )
+    REGISTRY.register(collector)
+    return collector
 
 
 def _start_slice_publisher(domain: Any, args: argparse.Namespace) -> Any:

@@ -26,8 +26,9 @@ layers update the same series.  Names and who updates them:
   ``delete``), ``hostkit_dra_slice_publish_failures_total`` (counter) and
   ``hostkit_dra_uevent_to_slice_seconds`` (histogram: first uevent of a burst to the
   ResourceSlice write acknowledged) - the DRA slice publisher;
-* ``hostkit_device_plugin_held_devices_vanished`` (gauge) - ``device-plugin status``:
-  devices the kubelet reports as held by a container that are no longer present.
+* ``hostkit_device_plugin_held_devices_vanished{resource}`` (gauge) - collected on
+  each scrape by ``podresources.HeldVanishedCollector``: devices the kubelet reports as
+  held by a container that are no longer present.
 """
 
 from __future__ import annotations
@@ -104,10 +105,6 @@ UEVENT_TO_SLICE = Histogram(
     "hostkit_dra_uevent_to_slice_seconds",
     "Time from reading a uevent to the ResourceSlice write acknowledged by the API server",
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
-)
-HELD_VANISHED = Gauge(
-    "hostkit_device_plugin_held_devices_vanished",
-    "Devices held by a container (kubelet pod-resources) that are no longer present",
 )
 
 

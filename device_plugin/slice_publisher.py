@@ -161,14 +161,16 @@ class SlicePublisher:
         kubelet wipes them 30 s after the plugin deregisters)."""
         self._stop.set()
         self._wake.set()
-        for client in (self._watch_client, self._client):
-            if client is not None:
-                try:
-                    client.close()
-                except Exception:  # closing a streaming watch from outside may raise there
-                    log.debug("closing the API client", exc_info=True)
+        # The watch blocks in a read: closing its client ends it.  The publishing thread
+        # finishes its round (every call is bounded) before its client is closed.
+        _close_quietly(self._watch_client)
         for thread in self._threads:
-            thread.join(timeout if thread.name == "dra-slices" else 0.5)
+            if thread.name == "dra-slices":
+                thread.join(timeout)
+        _close_quietly(self._client)
+        for thread in self._threads:
+            if thread.name != "dra-slices":
+                thread.join(0.5)
 
     def poke(self) -> None:
         """Request a round (non-blocking; called from discovery and health threads)."""
@@ -413,11 +415,16 @@ class SlicePublisher:
                 backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
                 self.poke()  # whatever happened meanwhile is not in a watch event
             finally:
-                if self._watch_client is not None:
-                    try:
-                        self._watch_client.close()
-                    except Exception:
-                        log.debug("closing the watch client", exc_info=True)
+                _close_quietly(self._watch_client)
+
+
+def _close_quietly(client: Client | None) -> None:
+    if client is None:
+        return
+    try:
+        client.close()
+    except Exception:  # closing a streaming watch from another thread may raise there
+        log.debug("closing an API client", exc_info=True)
 
 
 def _slice(spec: slices.SliceSpec, owner: dict[str, str] | None) -> ResourceSlice:

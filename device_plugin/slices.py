@@ -63,6 +63,17 @@ _SEMVER = re.compile(
     r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?"
 )
 _HEX = re.compile(r"(0x)?([0-9a-fA-F]+)")
+# Every attribute name ``device_attributes`` may emit (unqualified: the driver's
+# domain), for documentation and the examples' CEL selectors (tests/deploy).
+PUBLISHED_ATTRIBUTES = (
+    "resource", "subsystem", "kernelName", "devnode", "major", "minor", "numaNode",
+    "pciAddress", "pciVendor", "pciDevice", "pciSubsystemVendor", "pciSubsystemDevice",
+    "pciClass", "pciRevision", "idVendor", "idProduct", "usbBusPath", "usbBusNum",
+    "usbDevNum", "usbVersion", "usbSpeedMbps", "manufacturer", "product", "serial", "vendor",
+    "model", "driver", "idPath", "devtype", "readOnly", "removable", "loopBackingFile",
+    "kernelVersion", STANDARD_PCI_BUS_ID,
+)
+
 AttributeValue = tuple[str, Any]  # ("string"|"int"|"bool"|"version", value)
 
 

@@ -123,7 +123,7 @@ def _no_slices_left(api: Client, node_name: str) -> Iterator[None]:
         api.delete(Node, node_name)
 
 
-def loop_config(directory: Path) -> Config:
+def loop_config(directory: Path, health: str = "") -> Config:
     return parse_yaml(f"""
 resync_seconds: 3600
 dra: {{driver: {DRIVER}}}
@@ -135,7 +135,7 @@ resources:
         kernel: "loop*"
         attributes:
           loop/backing_file: "{directory}/*"
-""")
+{health}""")
 
 
 def our_slices(api: Client, node: str) -> list[Any]:
@@ -258,6 +258,35 @@ def test_real_uevents_update_the_slices(api, access, loops, private_dir, node_na
         wait_for(lambda: backing_files(api, node_name) == {str(private_dir / "a.img")},
                  "the detached loop device removed")
         assert publisher.stats.failures == 0, publisher.stats.last_error
+
+
+def test_a_health_change_updates_the_slices(api, access, loops, private_dir, node_name):
+    """A loop device made read-only fails the probe: it leaves the pool (a new
+    generation) and comes back when it is writable again."""
+    health = """    health:
+      probe: attribute
+      attribute: ro
+      healthy_values: ["0"]
+      interval_seconds: 0.2
+"""
+    keep = loops.attach("keep.img")
+    flip = loops.attach("flip.img")
+    domain = DevicePluginDomain(config=loop_config(private_dir, health), watch_config=False)
+    publisher = SlicePublisher(domain.catalog, lambda: make_client(access), node_name)
+    both = {str(private_dir / "keep.img"), str(private_dir / "flip.img")}
+    try:
+        with running(domain, publisher):
+            wait_for(lambda: backing_files(api, node_name) == both, "both devices published")
+            generation = our_slices(api, node_name)[0].spec.pool.generation
+            commands.run(["blockdev", "--setro", flip], timeout=30)
+            wait_for(lambda: backing_files(api, node_name) == {str(private_dir / "keep.img")},
+                     "the read-only device left the pool")
+            assert our_slices(api, node_name)[0].spec.pool.generation > generation
+            commands.run(["blockdev", "--setrw", flip], timeout=30)
+            wait_for(lambda: backing_files(api, node_name) == both, "the device back")
+    finally:
+        commands.run(["blockdev", "--setrw", flip], timeout=30, check=False)
+    assert keep in loops.attached
 
 
 def _foreign_slice(name: str, node: str, driver: str, pool: str, generation: int = 1) -> Any:

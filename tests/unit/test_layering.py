@@ -21,6 +21,7 @@ WIRE_MODULES = frozenset(
         "device_plugin/servicer.py",
         "device_plugin/lifecycle.py",
         "device_plugin/cli.py",
+        "device_plugin/podresources.py",
         "device_plugin/dra/api.py",
         "device_plugin/dra/servicer.py",
         "device_plugin/dra/lifecycle.py",

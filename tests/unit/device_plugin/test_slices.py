@@ -12,6 +12,7 @@ from device_plugin.matching import Ancestor, DeviceInfo
 from device_plugin.slices import (
     MAX_ATTRIBUTES_PER_DEVICE,
     MAX_STRING_BYTES,
+    PUBLISHED_ATTRIBUTES,
     STANDARD_PCI_BUS_ID,
     attribute_name_problem,
     device_attributes,
@@ -48,6 +49,7 @@ def check_device(device):
     assert len(device.attributes) + len(device.capacity) <= MAX_ATTRIBUTES_PER_DEVICE
     for name, (kind, value) in device.attributes.items():
         assert attribute_name_problem(name) is None, name
+        assert name in PUBLISHED_ATTRIBUTES, name
         assert kind in ("string", "int", "bool", "version")
         if kind == "string":
             assert isinstance(value, str) and len(value.encode()) <= MAX_STRING_BYTES
