@@ -156,6 +156,9 @@ def test_a_pod_gets_the_claimed_device_through_the_real_kubelet(cluster: Node, d
         kube.wait_for(
             lambda: client.list(ResourceSlice, fields={"spec.driver": DRIVER}),
             lambda slices: any(s.spec["devices"] for s in slices), "our ResourceSlice")
+        # Registered before the pod exists: a pod synced while no driver is
+        # registered waits for the kubelet's next retry (about a minute).
+        kube.wait_for(lambda: driver.plugin.registered, bool, "the kubelet's registration")
         client.create(_claim_pod("dra-memfull", "memfull"))
         kube.wait_running(client, "dra-memfull", timeout=120)
         log = kube.wait_log(client, "dra-memfull", "id=")
