@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from demo.dra_kubelet import PluginWatcherStandIn
 from device_plugin.dra import api
 from tests.grpc.dra.doubles import DRIVER, claim_object
 
@@ -180,3 +181,26 @@ def test_health_stream_sends_the_complete_list_and_every_change(make_driver):
     finally:
         watch.cancel()
     watch.wait_for(lambda w: w.ended)
+
+
+def test_v1_returns_the_share_id_and_v1beta1_has_none(make_driver, kubelet_root):
+    driver = make_driver()
+    driver.watcher.wait_registered(DRIVER)
+    obj = claim_object("shared", "uid-s", [driver.device(0)], pool=driver.pool)
+    obj["status"]["allocation"]["devices"]["results"][0]["shareID"] = "5c1c4f4e-share"
+    driver.claims.put(obj)
+    (device,) = driver.watcher.prepare(DRIVER, [("default", "shared", "uid-s")]).claims[
+        "uid-s"].devices
+    assert device.HasField("share_id") and device.share_id == "5c1c4f4e-share"
+    driver.plugin.stop()  # the same driver, registered with a v1beta1-only kubelet
+    old = PluginWatcherStandIn(kubelet_root, ("v1beta1.DRAPlugin",))
+    old.start()
+    try:
+        make_driver(watcher=old)
+        assert old.wait_registered(DRIVER).version == "v1beta1.DRAPlugin"
+        (device,) = old.prepare(DRIVER, [("default", "shared", "uid-s")]).claims[
+            "uid-s"].devices
+        assert "share_id" not in type(device).DESCRIPTOR.fields_by_name
+        assert device.device_name == driver.device(0)
+    finally:
+        old.stop()
