@@ -256,7 +256,8 @@ def rss(access: ApiAccess) -> None:
                 if proc.returncode != 0:
                     print(err.decode(errors="replace"), file=sys.stderr)
         print(f"device plugin RSS, one resource: {figures[True]:.1f} MB with DRA on "
-              f"(API client, publisher, watch), {figures[False]:.1f} MB as a device-plugin "
+              f"(API client, slice publisher and watch, kubelet DRA service), "
+              f"{figures[False]:.1f} MB as a device-plugin "
               "resource")
     finally:
         cleanup(access, node)
