@@ -3,10 +3,11 @@
 The kubelet's NodePrepareResources names a claim (namespace, name, UID) and
 nothing more: the driver reads the claim itself and takes from
 ``status.allocation`` the results of its own driver (a claim may hold devices
-of several drivers), the opaque configs meant for it, and who it is reserved
-for.  ``parse_claim`` turns the API object (as a plain mapping, camelCase keys
-as on the wire) into the frozen ``ResourceClaim`` below; it is pure, so the
-rules are tested without a server.
+of several drivers) and the opaque configs meant for it.  Who the claim is
+reserved for is the kubelet's check, made before it calls the driver.
+``parse_claim`` turns the API object (as a plain mapping, camelCase keys as on
+the wire) into the frozen ``ResourceClaim`` below; it is pure, so the rules are
+tested without a server.
 
 ``ApiClaimReader`` does the GET through lightkube.  lightkube is imported when a
 reader is built, never at module import, so the device-plugin-only process
@@ -64,7 +65,6 @@ class ResourceClaim:
     allocated: bool
     results: tuple[AllocationResult, ...] = ()
     configs: tuple[OpaqueConfig, ...] = ()
-    reserved_for: tuple[str, ...] = ()  # consumer UIDs
 
     def results_for(self, driver: str) -> tuple[AllocationResult, ...]:
         return tuple(r for r in self.results if r.driver == driver)
@@ -105,12 +105,8 @@ def parse_claim(obj: Mapping[str, Any]) -> ResourceClaim:
     uid = _string(meta, "uid", "metadata")
     status = _mapping(obj.get("status"), "status")
     allocation = status.get("allocation")
-    reserved = tuple(
-        str(_mapping(r, "status.reservedFor[]").get("uid", ""))
-        for r in _list(status.get("reservedFor"), "status.reservedFor")
-    )
     if allocation is None:
-        return ResourceClaim(namespace, name, uid, False, reserved_for=reserved)
+        return ResourceClaim(namespace, name, uid, False)
     devices = _mapping(_mapping(allocation, "status.allocation").get("devices"),
                        "status.allocation.devices")
     results = []
@@ -140,7 +136,7 @@ def parse_claim(obj: Mapping[str, Any]) -> ResourceClaim:
             driver=_string(o, "driver", f"{where}.opaque"),
             parameters=o.get("parameters"),
         ))
-    return ResourceClaim(namespace, name, uid, True, tuple(results), tuple(configs), reserved)
+    return ResourceClaim(namespace, name, uid, True, tuple(results), tuple(configs))
 
 
 class ClaimReader(Protocol):

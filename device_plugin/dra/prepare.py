@@ -3,7 +3,9 @@
 For each claim the kubelet names, ``ClaimPreparer.prepare``:
 
 1. answers from the checkpoint when the claim (same UID) is already prepared,
-   so a repeated call returns exactly what the first one did and reads nothing;
+   so a repeated call returns exactly what the first one did and reads nothing
+   (its CDI spec is written again if it is gone, e.g. after a reboot emptied a
+   tmpfs CDI directory);
 2. otherwise reads the claim from the API server, checks its UID (a claim
    deleted and re-created under the same name is another claim) and that it is
    allocated, and takes the results of this driver;
@@ -14,13 +16,16 @@ For each claim the kubelet names, ``ClaimPreparer.prepare``:
    a device's edits come from its resource's configuration);
 4. writes one CDI spec for the claim (``<cdi dir>/<vendor>-claim_<uid>.json``,
    kind ``<vendor>/claim``, one CDI device ``<uid>-<device>`` per device with
-   its nodes, the resource's mounts and environment), then the checkpoint;
+   its nodes, the resource's mounts and environment; none when the claim has
+   no device of ours), then the checkpoint;
 5. returns per device its base request name, pool, device, CDI ID and share ID.
 
 A problem with one claim is that claim's ``error`` (``ClaimOutcome.error``),
-never a failure of the others.  ``unprepare`` removes the spec and the
-checkpoint (spec first: a crash in between leaves a checkpoint, and the
-repeated unprepare finishes); an unknown claim is success.
+never a gRPC error of the call; the other claims of that call are then answered
+with an error too and left unprepared (all or nothing, see ``prepare``).
+``unprepare`` removes the spec and the checkpoint (spec first: a crash in
+between leaves a checkpoint, and the repeated unprepare finishes); an unknown
+claim is success.
 
 Environment: the resource's ``env`` templates are rendered per device with
 ``{ids}`` that unit's ID, ``{paths}`` its container paths, ``{count}`` 1 and
@@ -160,24 +165,46 @@ class ClaimPreparer:
     # --- prepare -----------------------------------------------------------------------
 
     def prepare(self, refs: Sequence[ClaimRef]) -> dict[str, ClaimOutcome]:
-        """One outcome per claim UID; raises only for a malformed request."""
+        """One outcome per claim UID; raises only for a malformed request.
+
+        All or nothing: when a claim fails, the claims this call prepared are
+        unprepared again and answered with an error naming the failed ones.  The
+        kubelet fails the whole call on any claim error, yet caches the devices of
+        the claims that succeeded and appends them again on its retry; answering no
+        devices for a failing call keeps its cache free of duplicates."""
         validate_refs(refs)
         outcomes: dict[str, ClaimOutcome] = {}
         with self._lock:
+            fresh: list[ClaimRef] = []
             for ref in refs:
+                known = self._store.get(ref.uid) is not None
                 try:
                     outcomes[ref.uid] = ClaimOutcome(self._prepare_one(ref))
+                    if not known:
+                        fresh.append(ref)
                 except (ClaimProblem, DomainError) as exc:
                     log.warning("cannot prepare claim %s: %s", ref, exc)
                     outcomes[ref.uid] = ClaimOutcome(error=str(exc))
                 except OSError as exc:
                     log.error("cannot prepare claim %s: %s", ref, exc)
                     outcomes[ref.uid] = ClaimOutcome(error=f"writing the claim's files: {exc}")
+            failed = [r for r in refs if outcomes[r.uid].error]
+            if failed:
+                names = ", ".join(f"{r.namespace}/{r.name}" for r in failed)
+                for ref in refs:
+                    if outcomes[ref.uid].error:
+                        continue
+                    if ref in fresh:
+                        self._unprepare_one(ref)
+                    outcomes[ref.uid] = ClaimOutcome(
+                        error=f"not prepared: other claims of this request failed ({names})")
         return outcomes
 
     def _prepare_one(self, ref: ClaimRef) -> tuple[PreparedDevice, ...]:
         done = self._store.get(ref.uid)
         if done is not None:
+            if done.cdi_spec and not os.path.exists(done.cdi_spec):
+                self._rewrite_spec(done)
             return done.devices
         claim = self._reader.get(ref.namespace, ref.name)
         if claim.uid != ref.uid:
@@ -187,10 +214,12 @@ class ClaimPreparer:
         if not claim.allocated:
             raise ClaimProblem(f"ResourceClaim {ref.namespace}/{ref.name} is not allocated")
         located = self._locate(claim)
-        spec_path = cdi_spec_path(self.cdi_dir, self.cdi_vendor, claim.uid)
-        spec = build_claim_spec(self.cdi_vendor, claim.uid, (d for d, _ in located))
-        write_atomically(spec_path,
-                         (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+        spec_path = ""
+        if located:  # a spec without devices is invalid CDI: none for a claim with no devices
+            spec_path = cdi_spec_path(self.cdi_dir, self.cdi_vendor, claim.uid)
+            spec = build_claim_spec(self.cdi_vendor, claim.uid, (d for d, _ in located))
+            write_atomically(spec_path,
+                             (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
         prepared = tuple(
             PreparedDevice(
                 request_names=(result.base_request,),
@@ -208,6 +237,25 @@ class ClaimPreparer:
         log.info("prepared claim %s: %s", ref,
                  ", ".join(f"{d.pool}/{d.device}" for d in prepared) or "no devices")
         return prepared
+
+    def _rewrite_spec(self, done: PreparedClaim) -> None:
+        """A prepared claim whose CDI spec is gone: the CDI directory is often on tmpfs
+        (``/var/run/cdi``) while checkpoints survive a reboot, and the kubelet then
+        prepares the claim again for the new sandbox.  Write the spec anew from the
+        checkpoint's devices as they are plugged in now."""
+        located = []
+        for prepared in done.devices:
+            device = self._devices.lookup(prepared.pool, prepared.device)
+            if device is None:
+                raise ClaimProblem(
+                    f"device {prepared.pool}/{prepared.device} of the prepared claim is not "
+                    "on this node now, and its CDI spec is gone")
+            located.append(device)
+        spec = build_claim_spec(self.cdi_vendor, done.uid, located)
+        write_atomically(done.cdi_spec,
+                         (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+        log.warning("CDI spec of prepared claim %s/%s was gone; wrote it again",
+                    done.namespace, done.name)
 
     def _locate(self, claim: ResourceClaim) -> list[tuple[LocatedDevice, AllocationResult]]:
         in_use = self._in_use(exclude=claim.uid)
@@ -270,7 +318,7 @@ class ClaimPreparer:
     def _unprepare_one(self, ref: ClaimRef) -> None:
         record = self._store.get(ref.uid)
         paths = {cdi_spec_path(self.cdi_dir, self.cdi_vendor, ref.uid)}
-        if record is not None:
+        if record is not None and record.cdi_spec:
             paths.add(record.cdi_spec)  # written under another CDI dir before a reload
         removed = False
         for path in sorted(paths):

@@ -17,6 +17,19 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
     the full single node on top of ``control_plane``: controller manager,
     scheduler, containerd 2.3, kubelet; node Ready, images imported
     (``tests.e2e.images.BUSYBOX``, pull policy Never, hostNetwork pods).
+    containerd and the kubelet run in the node's private mount namespace (the
+    kubelet's device-plugin directory is fixed at /var/lib/kubelet/device-plugins,
+    which each run binds to its own ``<root>/device-plugins`` there): start every
+    node-side process (our daemons, CSI sidecars) with ``node.in_node()`` as argv
+    prefix so that its mounts and the kubelet's are the same; files and sockets are
+    reachable from the test process by their run paths.  Useful attributes:
+    ``node_name``, ``node_ip``, ``kubelet_root``, ``device_plugin_dir``,
+    ``pod_resources_socket``, ``cdi_dir``, ``binaries``, ``cp`` (the control
+    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``.
+
+Our DaemonSets as host processes: ``tests/e2e/daemonsets.py`` (``render``,
+``HostPod``: argv/env/paths/ports of a container from the rendered manifests,
+``apply_objects``).  Pods and waits: ``tests/e2e/kube.py``.
 
 All are session-scoped: a module that asks only for ``control_plane`` never
 starts a kubelet.  The tier needs root and the binaries: without them it FAILS

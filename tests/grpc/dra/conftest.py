@@ -2,7 +2,7 @@
 
 The driver is the real one (``DraPlugin`` over ``ClaimPreparer``, the device
 plugin's ``ResourceState`` and ``HealthFeed``) on real unix sockets; the only
-fake is the API server's side, ``FakeClaims`` (tests/e2e covers a real one).
+fake is the API server's side, ``doubles.FakeClaims`` (tests/e2e covers a real one).
 Device nodes are plain files under a temporary directory, so the ``open`` health
 probe can be made to fail by removing one.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,52 +21,15 @@ import pytest
 from demo.dra_kubelet import PluginWatcherStandIn
 from device_plugin.config import parse_config
 from device_plugin.dra.checkpoint import CheckpointStore
-from device_plugin.dra.claims import ResourceClaim, parse_claim
 from device_plugin.dra.devices import CatalogDevices, device_name, pool_name
 from device_plugin.dra.health import HealthFeed
 from device_plugin.dra.lifecycle import DraPlugin
 from device_plugin.dra.prepare import ClaimPreparer
 from device_plugin.registry import ResourceState
-from plugin_runtime.errors import NotFound
+from tests.grpc.dra.doubles import DRIVER, FakeClaims
 from tests.unit.device_plugin.records import misc
 
-DRIVER = "dra.hostkit.io"
 NODE = "node-a"
-
-
-class FakeClaims:
-    """The API server's ResourceClaims, as plain objects; counts the reads."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.reads = 0
-        self._lock = threading.Lock()
-
-    def put(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        self.objects[(meta["namespace"], meta["name"])] = obj
-
-    def delete(self, namespace: str, name: str) -> None:
-        self.objects.pop((namespace, name), None)
-
-    def get(self, namespace: str, name: str) -> ResourceClaim:
-        with self._lock:
-            self.reads += 1
-        obj = self.objects.get((namespace, name))
-        if obj is None:
-            raise NotFound(f"ResourceClaim {namespace}/{name} not found")
-        return parse_claim(obj)
-
-
-def claim_object(name: str, uid: str, devices: list[str], *, pool: str = "",
-                 namespace: str = "default", driver: str = DRIVER,
-                 allocated: bool = True, request: str = "dev") -> dict[str, Any]:
-    status: dict[str, Any] = {}
-    if allocated:
-        status["allocation"] = {"devices": {"results": [
-            {"request": request, "driver": driver, "pool": pool, "device": d}
-            for d in devices]}}
-    return {"metadata": {"namespace": namespace, "name": name, "uid": uid}, "status": status}
 
 
 @dataclass

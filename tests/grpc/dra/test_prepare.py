@@ -6,7 +6,7 @@ import json
 import os
 
 from device_plugin.dra import api
-from tests.grpc.dra.conftest import DRIVER, claim_object
+from tests.grpc.dra.doubles import DRIVER, claim_object
 
 
 def _devices(response, uid):
@@ -57,6 +57,21 @@ def test_prepare_and_unprepare_are_idempotent(make_driver):
         assert driver.preparer.prepared() == []
 
 
+def test_a_lost_cdi_spec_is_written_again_on_the_next_prepare(make_driver):
+    """After a reboot a tmpfs CDI directory is empty while the checkpoint survives."""
+    driver = make_driver()
+    driver.watcher.wait_registered(DRIVER)
+    driver.claims.put(claim_object("c1", "uid-1", [driver.device(0)], pool=driver.pool))
+    first = driver.watcher.prepare(DRIVER, [("default", "c1", "uid-1")])
+    spec_path = os.path.join(driver.cdi_dir, "hostkit.io-claim_uid-1.json")
+    with open(spec_path, "rb") as handle:
+        spec = handle.read()
+    os.unlink(spec_path)
+    assert driver.watcher.prepare(DRIVER, [("default", "c1", "uid-1")]) == first
+    with open(spec_path, "rb") as handle:
+        assert handle.read() == spec
+
+
 def test_each_claim_gets_its_own_error(make_driver):
     driver = make_driver()
     driver.watcher.wait_registered(DRIVER)
@@ -75,14 +90,21 @@ def test_each_claim_gets_its_own_error(make_driver):
         ("default", "taken", "uid-taken"),
     ])
     errors = {uid: entry.error for uid, entry in response.claims.items()}
-    assert errors["uid-good"] == ""
+    assert all(not entry.devices for entry in response.claims.values())
     assert "ResourceClaim default/missing not found" in errors["uid-missing"]
     assert "has UID uid-new, not uid-old" in errors["uid-old"]
     assert "is not allocated" in errors["uid-pending"]
     assert "node-b-widget/x" in errors["uid-else"] and "not on this node" in errors["uid-else"]
     assert "already prepared for claim default/good" in errors["uid-taken"]
-    assert [c.uid for c in driver.preparer.prepared()] == ["uid-good"]
-    assert sorted(os.listdir(driver.cdi_dir)) == ["hostkit.io-claim_uid-good.json"]
+    # All or nothing: the good claim is answered with an error and not left prepared,
+    # so the kubelet's retry cannot cache its devices twice.
+    assert errors["uid-good"].startswith("not prepared: other claims of this request failed")
+    assert "default/missing" in errors["uid-good"]
+    assert driver.preparer.prepared() == []
+    assert os.listdir(driver.cdi_dir) == []
+    # Alone, the good claim prepares.
+    alone = driver.watcher.prepare(DRIVER, [("default", "good", "uid-good")])
+    assert alone.claims["uid-good"].error == "" and len(alone.claims["uid-good"].devices) == 1
 
 
 def test_only_this_drivers_results_are_prepared(make_driver):
@@ -94,6 +116,18 @@ def test_only_this_drivers_results_are_prepared(make_driver):
     driver.claims.put(obj)
     response = driver.watcher.prepare(DRIVER, [("default", "mixed", "uid-m")])
     assert [d[2] for d in _devices(response, "uid-m")] == [driver.device(1)]
+
+
+def test_a_claim_without_devices_of_ours_is_prepared_without_a_spec(make_driver):
+    driver = make_driver()
+    driver.watcher.wait_registered(DRIVER)
+    driver.claims.put(claim_object("theirs", "uid-t", ["g0"], pool="p", driver="gpu.example.com"))
+    response = driver.watcher.prepare(DRIVER, [("default", "theirs", "uid-t")])
+    assert response.claims["uid-t"].error == "" and not response.claims["uid-t"].devices
+    assert not os.path.exists(driver.cdi_dir) or os.listdir(driver.cdi_dir) == []
+    assert driver.watcher.unprepare(DRIVER, [("default", "theirs", "uid-t")]).claims[
+        "uid-t"].error == ""
+    assert driver.preparer.prepared() == []
 
 
 def test_an_unhealthy_device_fails_its_claim(make_driver):

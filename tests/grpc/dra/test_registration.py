@@ -14,7 +14,7 @@ import pytest
 from demo.dra_kubelet import PluginWatcherStandIn
 from device_plugin.dra import api
 from device_plugin.dra.lifecycle import DRA_SOCKET_GONE, REFUSED, REG_SOCKET_GONE
-from tests.grpc.dra.conftest import DRIVER
+from tests.grpc.dra.doubles import DRIVER
 
 
 def wait_until(predicate, timeout: float = 10.0) -> None:
