@@ -166,15 +166,14 @@ def scale(access: ApiAccess, devices: int = 1000) -> None:
     publisher = SlicePublisher(catalog, lambda: make_client(access), node)
     publisher.start()
     try:
-        publisher.wait_clean(0, 30)
+        publisher.wait_synced(30)
         times = []
         for _ in range(3):
             catalog.publish_inventory(())
-            publisher.wait_clean(publisher.round_mark(), 60)
+            publisher.wait_synced(60)
             started = time.monotonic()
             catalog.publish_inventory(synthetic(devices))
-            mark = publisher.round_mark()
-            assert publisher.wait_clean(mark, 60), publisher.stats.last_error
+            assert publisher.wait_synced(60), publisher.stats.last_error
             times.append(time.monotonic() - started)
             published = sum(len(s.spec.devices or ()) for s in _slices(access, node))
             assert published == devices, published
@@ -183,12 +182,12 @@ def scale(access: ApiAccess, devices: int = 1000) -> None:
               + ", ".join(f"{t * 1000:.0f} ms" for t in times) + "  (goal <= 1 s)")
         writes = publisher.stats.writes
         catalog.publish_inventory(synthetic(devices + 1))
-        assert publisher.wait_clean(publisher.round_mark(), 60)
+        assert publisher.wait_synced(60)
         print(f"  one device added: {publisher.stats.writes - writes} API writes "
               f"(a new pool generation rewrites every slice of the pool)")
         writes = publisher.stats.writes
         catalog.publish_inventory(synthetic(devices + 1)[1:])
-        assert publisher.wait_clean(publisher.round_mark(), 60)
+        assert publisher.wait_synced(60)
         print(f"  one device removed (vanished, or a failing health probe): "
               f"{publisher.stats.writes - writes} API writes")
         small = Catalog(parse_yaml(f"dra: {{driver: {DRIVER}}}\nresources: [{{name: few, "
@@ -197,10 +196,10 @@ def scale(access: ApiAccess, devices: int = 1000) -> None:
         small_pub = SlicePublisher(small, lambda: make_client(access), other)
         small_pub.start()
         small.publish_inventory(synthetic(10))
-        small_pub.wait_clean(small_pub.round_mark(), 30)
+        small_pub.wait_synced(30)
         writes = small_pub.stats.writes
         small.publish_inventory(synthetic(11))
-        small_pub.wait_clean(small_pub.round_mark(), 30)
+        small_pub.wait_synced(30)
         print(f"  pool of 10 devices, one added: {small_pub.stats.writes - writes} API write")
         small_pub.stop()
         cleanup(access, other)
@@ -257,7 +256,8 @@ def rss(access: ApiAccess) -> None:
                 if proc.returncode != 0:
                     print(err.decode(errors="replace"), file=sys.stderr)
         print(f"device plugin RSS, one resource: {figures[True]:.1f} MB with DRA on "
-              f"(API client, publisher, watch), {figures[False]:.1f} MB as a device-plugin "
+              f"(API client, slice publisher and watch, kubelet DRA service), "
+              f"{figures[False]:.1f} MB as a device-plugin "
               "resource")
     finally:
         cleanup(access, node)

@@ -291,6 +291,8 @@ def _serve(args: argparse.Namespace) -> int:
                 log.error("cannot publish DRA resources: %s", exc)
                 return EXIT_BAD_INPUT
             dra_plugin = _start_dra_plugin(domain, args)
+        else:
+            _warn_when_dra_appears(domain)
         manager.start()
         if metrics is not None:
             held_collector = _collect_held_vanished(domain, args)
@@ -319,6 +321,23 @@ def _serve(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.stop()
     return EXIT_OK
+
+
+def _warn_when_dra_appears(domain: Any) -> None:
+    """DRA is set up at start only (API client, kubelet plugin): a reload that marks a
+    resource ``dra: true`` in a process started without one leaves that resource
+    unserved (the device plugin API drops it) until a restart; say so, once."""
+    warned = False
+
+    def check() -> None:
+        nonlocal warned
+        if not warned and domain.catalog.config.dra_enabled:
+            warned = True
+            log.error("the reloaded configuration serves %s through DRA, which this process "
+                      "did not start with: restart the device plugin to publish them",
+                      ", ".join(r.name for r in domain.catalog.config.dra_resources()))
+
+    domain.catalog.subscribe(check)
 
 
 def _collect_held_vanished(domain: Any, args: argparse.Namespace) -> Any:

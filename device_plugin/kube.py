@@ -8,7 +8,8 @@ build their client here: the slice publisher and the kubelet-side DRA service.
 
 Configuration: ``--kubeconfig FILE`` (its current context) for running outside a
 pod, else the pod's service account (token, CA and the ``KUBERNETES_SERVICE_*``
-environment).  A missing or malformed configuration raises ``ConfigError``
+environment; lightkube re-reads the token file, so the kubelet's rotation of bound
+tokens is followed).  A missing or malformed configuration raises ``ConfigError``
 naming what was wrong, before anything is started.
 
 lightkube is the client: typed models of ``resource.k8s.io/v1`` (lightkube-models

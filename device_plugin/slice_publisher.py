@@ -133,11 +133,17 @@ class SlicePublisher:
         self._threads: list[threading.Thread] = []
         self._watch_client: Client | None = None
         self._owner: dict[str, str] | None = None
+        # Drivers published under before a reload renamed the driver: their slices of
+        # this node are deleted by the next round.
+        self._former_drivers: set[str] = set()
+        self._driver_watched: str | None = None
         self._own_versions: set[str] = set()
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
-        self._clean_round = 0
-        self._started_rounds = 0
+        # Every poke is numbered; a round covers the pokes made before it started (it
+        # reads the catalog afterwards), so a caller can wait for its change to be out.
+        self._pokes = 0
+        self._synced_pokes = 0
         self.stats = PublishStats()
         catalog.subscribe(self.poke)
 
@@ -149,7 +155,7 @@ class SlicePublisher:
 
     def start(self) -> None:
         self._client = self._client_factory()
-        self._wake.set()
+        self.poke()  # the first round: adopt or replace what the node has
         for target, name in ((self._run, "dra-slices"), (self._watch, "dra-slice-watch")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -174,30 +180,23 @@ class SlicePublisher:
 
     def poke(self) -> None:
         """Request a round (non-blocking; called from discovery and health threads)."""
+        with self._lock:
+            self._pokes += 1
         self._wake.set()
 
-    def round_mark(self) -> int:
-        """The number of rounds started so far: a round numbered above it starts after
-        this call, so it sees every change made before the call."""
-        with self._lock:
-            return self._started_rounds
-
-    def wait_clean(self, after_round: int, timeout: float) -> bool:
-        """Block until a round numbered above ``after_round`` (see ``round_mark``)
-        completed without error (for tests and benchmarks); False on timeout."""
+    def wait_synced(self, timeout: float) -> bool:
+        """Block until a round that started after every poke made so far (a catalog
+        change pokes before it returns) completed without error, so the API server
+        holds what the catalog held; False on timeout.  For tests and benchmarks."""
         deadline = time.monotonic() + timeout
         with self._done:
-            while self._clean_round <= after_round:
+            target = self._pokes
+            while self._synced_pokes < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._done.wait(remaining)
             return True
-
-    @property
-    def clean_round(self) -> int:
-        with self._lock:
-            return self._clean_round
 
     # ---- the level-triggered loop ------------------------------------------------ #
 
@@ -210,9 +209,8 @@ class SlicePublisher:
                 return
             self._wake.clear()
             with self._lock:
-                self._started_rounds += 1
-                round_number = self._started_rounds
-            self.stats.rounds = round_number
+                covered = self._pokes
+            self.stats.rounds += 1
             try:
                 self.reconcile()
             except Exception as exc:
@@ -227,7 +225,7 @@ class SlicePublisher:
             backoff = BACKOFF_INITIAL_SECONDS
             wait = self._resync
             with self._done:
-                self._clean_round = round_number
+                self._synced_pokes = max(self._synced_pokes, covered)
                 self._done.notify_all()
 
     def desired(self) -> dict[str, tuple[ResourceConfig, tuple[slices.DraDevice, ...]]]:
@@ -251,6 +249,10 @@ class SlicePublisher:
         assert client is not None, "start() first"
         event = self._newest_event()
         driver = self.driver
+        if self._driver_watched is not None and self._driver_watched != driver:
+            self._former_drivers.add(self._driver_watched)
+            _close_quietly(self._watch_client)  # the watch restarts with the new driver
+        self._driver_watched = driver
         wanted = self.desired()
         existing: dict[str, Any] = {}
         obj: Any
@@ -262,6 +264,11 @@ class SlicePublisher:
         for obj in existing.values():
             by_pool.setdefault(obj.spec.pool.name, []).append(obj)
         writes = 0
+        for former in sorted(self._former_drivers - {driver}):
+            for obj in client.list(ResourceSlice, fields={"spec.nodeName": self.node,
+                                                          "spec.driver": former}):
+                writes += self._delete(client, obj, f"the driver is now {driver}")
+            self._former_drivers.discard(former)
         for pool, objs in sorted(by_pool.items()):
             if pool not in wanted:
                 for obj in objs:

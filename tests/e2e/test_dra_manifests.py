@@ -88,7 +88,7 @@ def test_the_cluster_role_is_enough_for_the_publisher_and_the_policy_guards_it(c
         _catalog, publisher = _publisher(access, node, 3)
         publisher.start()
         try:
-            assert publisher.wait_clean(0, WAIT), publisher.stats.last_error
+            assert publisher.wait_synced(WAIT), publisher.stats.last_error
             assert publisher.stats.failures == 0, publisher.stats.last_error
             [slice_] = api.list(ResourceSlice, fields={"spec.nodeName": node})
             assert len(slice_.spec.devices) == 3

@@ -182,6 +182,12 @@ def test_real_validation_accepts_every_attribute_type_capacity_and_owner(
     with running(domain, publisher):
         devices = wait_for(lambda: len(device_map(api, node_name)) == 2 and
                            device_map(api, node_name), "two devices published")
+        # What the server stores (quantities in canonical form) compares equal to what
+        # we publish: another round writes nothing.
+        writes = publisher.stats.writes
+        publisher.poke()
+        assert publisher.wait_synced(WAIT)
+        assert publisher.stats.writes == writes
     [slice_] = our_slices(api, node_name)
     assert slice_.spec.driver == DRIVER and slice_.spec.nodeName == node_name
     assert slice_.spec.pool.name == f"{node_name}-loop"
@@ -225,7 +231,7 @@ def test_a_pool_of_300_devices_is_split_into_slices_of_at_most_128(api, access, 
     publisher = SlicePublisher(catalog, lambda: make_client(access), node_name)
     publisher.start()
     try:
-        assert publisher.wait_clean(0, WAIT), publisher.stats.last_error
+        assert publisher.wait_synced(WAIT), publisher.stats.last_error
         found = our_slices(api, node_name)
         assert [len(s.spec.devices) for s in found] == [128, 128, 44]
         assert {s.spec.pool.resourceSliceCount for s in found} == {3}
@@ -233,7 +239,7 @@ def test_a_pool_of_300_devices_is_split_into_slices_of_at_most_128(api, access, 
         first = publisher.stats.writes
         # Shrinking to 100 devices: one slice, a new generation, the other two deleted.
         catalog.publish_inventory(synthetic_loops(100))
-        assert publisher.wait_clean(publisher.round_mark(), WAIT)
+        assert publisher.wait_synced(WAIT)
         wait_for(lambda: len(our_slices(api, node_name)) == 1, "the pool shrank to one slice")
         [only] = our_slices(api, node_name)
         assert only.spec.pool.resourceSliceCount == 1 and len(only.spec.devices) == 100
@@ -317,7 +323,7 @@ def test_at_start_stale_slices_are_removed_and_ours_adopted(api, access, node_na
         publisher = SlicePublisher(catalog, lambda: make_client(access), node_name)
         publisher.start()
         try:
-            assert publisher.wait_clean(0, WAIT), publisher.stats.last_error
+            assert publisher.wait_synced(WAIT), publisher.stats.last_error
         finally:
             publisher.stop()
         [ours] = our_slices(api, node_name)
@@ -371,10 +377,10 @@ def test_a_conflict_and_foreign_edits_and_deletes_are_repaired(api, access, node
                                node_name)
     publisher.start()
     try:
-        assert publisher.wait_clean(0, WAIT), publisher.stats.last_error
+        assert publisher.wait_synced(WAIT), publisher.stats.last_error
         # A change: the publisher's replace meets a foreign write first (409), retries.
         catalog.publish_inventory(synthetic_loops(6))
-        assert publisher.wait_clean(publisher.round_mark(), WAIT), publisher.stats.last_error
+        assert publisher.wait_synced(WAIT), publisher.stats.last_error
         assert conflicting.conflicts == 1
         assert publisher.stats.failures >= 1
         wait_for(lambda: len(device_map(api, node_name)) == 6, "the change after the conflict")
@@ -402,7 +408,7 @@ def test_a_change_during_an_api_server_restart_is_published_afterwards(
     publisher = SlicePublisher(catalog, lambda: make_client(access), node_name)
     publisher.start()
     try:
-        assert publisher.wait_clean(0, WAIT), publisher.stats.last_error
+        assert publisher.wait_synced(WAIT), publisher.stats.last_error
         apiserver.stop()
         failures = publisher.stats.failures
         catalog.publish_inventory(synthetic_loops(4))
@@ -416,3 +422,24 @@ def test_a_change_during_an_api_server_restart_is_published_afterwards(
         publisher.stop()
         if not apiserver.running():
             apiserver.start()
+
+
+def test_a_reload_that_renames_the_driver_moves_the_slices(api, access, node_name):
+    def config(driver: str) -> Config:
+        return parse_yaml(f"dra: {{driver: {driver}}}\nresources: [{{name: loop, dra: true, "
+                          "match: [{subsystem: block}]}]")
+
+    catalog = Catalog(config(DRIVER))
+    catalog.publish_inventory(synthetic_loops(2))
+    publisher = SlicePublisher(catalog, lambda: make_client(access), node_name)
+    publisher.start()
+    try:
+        assert publisher.wait_synced(WAIT), publisher.stats.last_error
+        assert len(our_slices(api, node_name)) == 1
+        catalog.apply_config(config("renamed.hostkit.io"))
+        assert publisher.wait_synced(WAIT), publisher.stats.last_error
+        assert our_slices(api, node_name) == []
+        [moved] = api.list(ResourceSlice, fields={"spec.nodeName": node_name})
+        assert moved.spec.driver == "renamed.hostkit.io" and len(moved.spec.devices) == 2
+    finally:
+        publisher.stop()

@@ -5,9 +5,14 @@ pod it is listed as vanished and counted by the metric's collector."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.core_v1 import Node as NodeObject
 
 from device_plugin import cli
@@ -26,9 +32,14 @@ from device_plugin.podresources import HeldVanishedCollector
 from device_plugin.registry import DevicePluginView
 from plugin_runtime import commands
 from tests.e2e import kube
+from tests.e2e.binaries import ROOT
 from tests.e2e.cluster import Node
 
 RESOURCE = "hostkit.io/statusloop"
+DeviceClass: Any = create_global_resource("resource.k8s.io", "v1", "DeviceClass",
+                                          "deviceclasses")
+ResourceClaim: Any = create_namespaced_resource("resource.k8s.io", "v1", "ResourceClaim",
+                                                "resourceclaims")
 
 
 @pytest.fixture
@@ -123,3 +134,77 @@ resources:
         domain.stop()
         if attached:
             commands.run(["losetup", "--detach", dev], timeout=30, check=False)
+
+
+def test_the_serving_daemon_and_status_with_both_apis_on_the_real_kubelet(
+    cluster: Node, private_dir: Path, capsys: Any, restore_logging: None
+) -> None:
+    """``device-plugin serve`` as the DaemonSet runs it, one resource per API: a pod
+    holding /dev/zero through the device plugin API and /dev/full through a claim the
+    real scheduler allocated against our slices; ``status`` names the pod for both,
+    the DRA one with its claim."""
+    client: Any = cluster.cp.client()
+    config = private_dir / "config.yaml"
+    config.write_text(f"""
+dra: {{driver: hostkit.io}}
+cdi: {{enabled: true, dir: {cluster.cdi_dir}}}
+resources:
+  - name: statuszero
+    match: [{{subsystem: mem, kernel: zero}}]
+  - name: statusfull
+    dra: true
+    match: [{{subsystem: mem, kernel: full}}]
+""")
+    log = open(private_dir / "serve.log", "w")  # noqa: SIM115 - closed in finally
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "device_plugin", "serve", "--config", str(config),
+         "--kubelet-dir", str(cluster.device_plugin_dir), "--cdi-dir", str(cluster.cdi_dir),
+         "--kubeconfig", str(cluster.cp.admin_kubeconfig), "--node-name", cluster.node_name,
+         "--log-format", "json"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+    )
+    pod = f"both-{uuid.uuid4().hex[:6]}"
+    claim = f"statusfull-{uuid.uuid4().hex[:6]}"
+    try:
+        client.create(DeviceClass(metadata={"name": claim}, spec={"selectors": [{"cel": {
+            "expression": 'device.driver == "hostkit.io" && '
+                          'device.attributes["hostkit.io"].resource == "hostkit.io/statusfull"'
+        }}]}))
+        client.create(ResourceClaim(
+            metadata={"name": claim, "namespace": "default"},
+            spec={"devices": {"requests": [{"name": "mem", "exactly": {
+                "deviceClassName": claim}}]}}))
+        kube.wait_for(lambda: client.get(NodeObject, cluster.node_name),
+                      lambda n: (n.status.allocatable or {}).get("hostkit.io/statuszero") == "1",
+                      "hostkit.io/statuszero allocatable")
+        spec = kube.busybox_pod(pod, "ls -l /dev/zero /dev/full; sleep 3600")
+        spec.spec.resourceClaims = [{"name": "mem", "resourceClaimName": claim}]
+        spec.spec.containers[0].resources = {"limits": {"hostkit.io/statuszero": "1"},
+                                             "claims": [{"name": "mem"}]}
+        client.create(spec)
+        kube.wait_running(client, pod, timeout=120)
+
+        doc = _status(capsys, cluster, config)
+        rows = {d["resource"]: d for d in doc["devices"]}
+        holder = {"namespace": "default", "pod": pod, "container": "main"}
+        assert rows["hostkit.io/statuszero"]["holders"] == [{**holder, "claim": ""}]
+        dra = rows["hostkit.io/statusfull"]
+        assert dra["api"] == "dra" and dra["present"]
+        assert dra["pool"] == f"{cluster.node_name}-statusfull"
+        assert dra["holders"] == [{**holder, "claim": f"default/{claim}"}]
+    finally:
+        kube.delete_pod(client, pod, timeout=120)
+        for kind, name, namespace in ((ResourceClaim, claim, "default"),
+                                      (DeviceClass, claim, None)):
+            with contextlib.suppress(Exception):
+                client.delete(kind, name, namespace=namespace) if namespace else \
+                    client.delete(kind, name)
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(timeout=10)
+            log.close()
+        print((private_dir / "serve.log").read_text()[-3000:])

@@ -28,6 +28,11 @@ PROBE = textwrap.dedent("""
         while time.monotonic() < deadline and "device_plugin.lifecycle" not in sys.modules:
             time.sleep(0.05)
         time.sleep(1.0)
+        reload_to = os.environ.get("PROBE_RELOAD_CONFIG")
+        if reload_to:
+            with open(sys.argv[sys.argv.index("--config") + 1], "w") as f:
+                f.write(reload_to)
+            time.sleep(2.0)
         loaded = sorted(m for m in sys.modules
                         if m.split(".")[0] in ("lightkube", "httpx2", "msgspec")
                         or m in ("device_plugin.kube", "device_plugin.slice_publisher"))
@@ -91,3 +96,20 @@ def test_make_client_names_the_source_that_failed(workdir, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeConfigError, match="in-cluster service account"):
         make_client(ApiAccess(None))
+
+
+def test_a_reload_that_turns_dra_on_says_a_restart_is_needed(workdir):
+    config = _write(workdir, "c.yaml", "resources: [{name: zero, match: [{subsystem: mem, "
+                                       "kernel: zero}]}]\n")
+    kubelet_dir = os.path.join(workdir, "kubelet")
+    os.mkdir(kubelet_dir)
+    env = {**os.environ, "PROBE_RELOAD_CONFIG": "resources: [{name: zero, dra: true, match: "
+                                                "[{subsystem: mem, kernel: zero}]}]\n"}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, "serve", "--config", config, "--kubelet-dir", kubelet_dir],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LOADED=\n" in result.stdout, result.stdout
+    assert "serves hostkit.io/zero through DRA, which this process did not start with" in \
+        result.stderr
