@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--kubelet-root",
         metavar="DIR",
-        help="the kubelet's root directory, where DRA plugins register (plugins_registry/) and "
-        "serve (plugins/<driver>/); default: the parent of --kubelet-dir",
+        help="the kubelet's root directory (its --root-dir), where DRA plugins register "
+        "(plugins_registry/) and serve (plugins/<driver>/); default: the parent of "
+        "--kubelet-dir.  Set it where the kubelet root is moved: the kubelet keeps its "
+        "device-plugin directory at /var/lib/kubelet/device-plugins whatever its root",
     )
     serve.add_argument(
         "--node-name",
