@@ -327,12 +327,18 @@ def _pool(data: Any, index: int) -> PoolConfig:
                 f"{prefix}.selector: give at least one of properties, attributes or kernel "
                 "(an empty selector would claim every unused disk)"
             )
-        if values["volume_kind"] == "subvolume" and (
-                values["mode"] != "backing" or values["backing_fs_type"] != "btrfs"):
-            raise ConfigError(
-                f"{prefix}.volume_kind: subvolume volumes need mode: backing and "
-                "backing_fs_type: btrfs"
-            )
+        if values["volume_kind"] == "subvolume":
+            if values["mode"] != "backing" or values["backing_fs_type"] != "btrfs":
+                raise ConfigError(
+                    f"{prefix}.volume_kind: subvolume volumes need mode: backing and "
+                    "backing_fs_type: btrfs"
+                )
+            if data.get("default_fs_type") not in (None, "btrfs"):
+                raise ConfigError(
+                    f"{prefix}.default_fs_type: subvolume volumes are on the disks' btrfs; "
+                    "leave it out or set btrfs"
+                )
+            values["default_fs_type"] = "btrfs"
         return PoolConfig(**values, selector=SelectorConfig(**sel))
     if kind == "subvolume":
         values = _section(data, SUBVOLUME_POOL_OPTIONS, prefix)

@@ -185,8 +185,8 @@ class NodeVolumes:
             ours = self.volumes.pool_of(rec).owner(rec)
             if ours is None:
                 raise FailedPrecondition(
-                    f"volume {volume_id} is recorded as staged but its device is not attached; "
-                    "stage it again"
+                    f"volume {volume_id} is recorded as staged but cannot be reached now (its "
+                    "loop device is detached or its subvolume is gone); stage it again"
                 )
             if not cap.block:
                 current = mounts.find_mount(staging)

@@ -31,6 +31,7 @@ from csi_driver.pools.base import (
     HEALTHY,
     MIN_FS_BYTES,
     Condition,
+    MountOwner,
     SaveRecord,
     VolumeUsage,
 )
@@ -124,7 +125,7 @@ class BlockDevicePool(abc.ABC):
         return bool(rec.fs_type) and rec.staging is not None and not rec.staging.block
 
     # ------------------------------------------------------------ node side
-    def owner(self, rec: VolumeRecord) -> DeviceMounts | None:
+    def owner(self, rec: VolumeRecord) -> MountOwner | None:
         device = self.attached_device(rec)
         return DeviceMounts.of(device) if device is not None else None
 

@@ -148,7 +148,7 @@ class SubvolumePool:
         parent = self.path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
-        btrfs.require_btrfs(parent, f"subvolume pool {self.name}")
+        btrfs.require_btrfs(parent, f"subvolume pool {self.name} (path {self.path})")
 
     def start(self) -> None:
         try:
@@ -242,14 +242,18 @@ class SubvolumePool:
         return self.volume_path(rec.id)
 
     # ----------------------------------------------------------- capacity
+    def fs_stats(self) -> tuple[int, int]:
+        """(size, free bytes) of the pool filesystem."""
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
     def capacity(
         self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
     ) -> Capacity:
-        st = os.statvfs(self.path)
-        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        total, free = self.fs_stats()
         return compute_capacity(
             total=total,
-            free=max(0, free - self._promised_to_thick(records)),
+            free=max(0, free - self.promised_to_thick(records)),
             reserve_bytes=self.config.reserve_bytes,
             reserve_percent=self.config.reserve_percent,
             thin=thin,
@@ -257,7 +261,7 @@ class SubvolumePool:
             provisioned=provisioned,
         )
 
-    def _promised_to_thick(self, records: Sequence[VolumeRecord]) -> int:
+    def promised_to_thick(self, records: Sequence[VolumeRecord]) -> int:
         """What thick volumes may still write (limit - referenced), counted as taken."""
         thick = [r for r in records if not r.thin and r.state == READY]
         if not thick:
@@ -383,6 +387,14 @@ class SubvolumePool:
     def unstage(self, rec: VolumeRecord, path: str) -> None:
         ours = self.owner(rec)
         if ours is None:
+            # The subvolume was deleted behind the driver's back (the kernel allows it
+            # while mounted): its stage is then an empty btrfs mount of the pool's
+            # filesystem at the path the record gives; take that away.
+            holder = _holder(self.path, mounts.read_mounts())
+            if holder is not None and rec.staging is not None and rec.staging.path == path:
+                pool_fs = (holder.major, holder.minor)
+                mounts.unmount_matching(path, lambda e: e.fs_type == "btrfs"
+                                        and (e.major, e.minor) == pool_fs)
             return
         mounts.unmount_matching(path, ours.matches)
         crash_point("unstage.after_unmount")

@@ -500,20 +500,21 @@ def btrfs_mount(base: Path, size: int = 1 << 30) -> Iterator[Path]:
         assert wait_until(detached, 30.0), f"{device} stays busy after unmounting {point}"
 
 
-def subvolume_pool_config(fs: Path) -> dict[str, Any]:
-    return {"pools": [{"name": SUBVOLUME_POOL, "type": "subvolume", "path": str(fs / "pool")}]}
+def subvolume_pool_config(fs: Path, **options: Any) -> dict[str, Any]:
+    return {"pools": [{"name": SUBVOLUME_POOL, "type": "subvolume", "path": str(fs / "pool"),
+                       **options}]}
 
 
 @contextlib.contextmanager
 def running_driver(
     node_id: str = "node-a", config: Callable[[Path], dict[str, Any]] | None = None,
     env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
-    pool_kind: str = "image",
+    pool_kind: str = "image", pool_options: dict[str, Any] | None = None,
 ) -> Iterator[DriverProcess]:
     """A started driver in a fresh short /tmp dir; everything is cleaned up after.
 
     ``pool_kind="subvolume"``: the driver's one pool is a subvolume pool on a btrfs
-    made for it (``config`` may not name pools then).
+    made for it, with ``pool_options`` (``config`` may not name pools then).
     """
     base = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
     driver = DriverProcess(base=base, node_id=node_id, env=dict(env or {}),
@@ -524,7 +525,8 @@ def running_driver(
         if pool_kind == "subvolume":
             fs = stack.enter_context(btrfs_mount(base))
             assert driver.config is None or "pools" not in driver.config
-            driver.config = {**(driver.config or {}), **subvolume_pool_config(fs)}
+            driver.config = {**(driver.config or {}),
+                             **subvolume_pool_config(fs, **(pool_options or {}))}
         else:
             assert pool_kind == "image", pool_kind
         try:

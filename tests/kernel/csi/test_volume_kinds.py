@@ -5,7 +5,8 @@ A driver whose one pool is a subvolume pool on a btrfs made for the module
 decides: raw block and other fs types refused naming the pool and its kind,
 expansion without a node step, the limit enforced and raised, stats from the
 qgroup, no-CoW volumes, thick capacity, reconcile findings without deletion,
-VolumeCondition of a missing subvolume, and ``csi-driver pools``.  The btrfs
+VolumeCondition of a missing subvolume, and ``csi-driver pools``; and a disk
+pool in backing mode whose volumes are subvolumes on its btrfs disks.  The btrfs
 ioctl layer itself is covered by its own kernel tests.
 """
 
@@ -13,16 +14,19 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from csi_driver import btrfs
+from csi_driver import btrfs, filesystems, loop, mounts
 from csi_driver._proto import csi_pb2
 from csi_driver.config import parse_config
 from csi_driver.pools.subvolume import SubvolumePool
+from plugin_runtime.errors import FailedPrecondition
 from tests.grpc.csi.driver_harness import (
     SUBVOLUME_POOL,
     Csi,
@@ -33,20 +37,29 @@ from tests.grpc.csi.driver_harness import (
     expect_code,
     mount_cap,
     running_driver,
+    wait_until,
 )
 
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def subvol_driver() -> Iterator[DriverProcess]:
-    with running_driver(node_id="node-subvol", pool_kind="subvolume") as driver:
+# Every rule holds in both quota modes: auto (simple quotas on kernels that have them)
+# and full qgroups.
+@pytest.fixture(scope="module", params=["auto", "full"])
+def subvol_driver(request: pytest.FixtureRequest) -> Iterator[DriverProcess]:
+    with running_driver(node_id="node-subvol", pool_kind="subvolume",
+                        pool_options={"quota_mode": request.param}) as driver:
         yield driver
 
 
 @pytest.fixture
 def scsi(subvol_driver: DriverProcess) -> Csi:
     return subvol_driver.csi()
+
+
+def driver_quota_mode(driver: DriverProcess) -> str:
+    assert driver.config is not None
+    return str(driver.config["pools"][0]["quota_mode"])
 
 
 def _pool_path(driver: DriverProcess) -> Path:
@@ -98,8 +111,9 @@ def _teardown(csi: Csi, vid: str, staging: str, target: str) -> None:
 def test_pools_shows_the_quota_mode(subvol_driver: DriverProcess):
     (pool,) = subvol_driver.pools_json()["pools"]
     assert pool["type"] == "subvolume" and pool["ready"]
-    expected = "squota" if btrfs.simple_quotas_supported() else "qgroup"
-    assert pool["quota_mode"] == expected, pool
+    assert driver_quota_mode(subvol_driver) in ("auto", "full")
+    simple = driver_quota_mode(subvol_driver) == "auto" and btrfs.simple_quotas_supported()
+    assert pool["quota_mode"] == ("squota" if simple else "qgroup"), pool
     assert pool["quota_reason"], pool
 
 
@@ -250,6 +264,29 @@ def test_reconcile_reports_drift_and_deletes_nothing(
         btrfs.delete_subvolume(stray.path)
 
 
+def test_quotas_turned_off_are_abnormal_and_limits_come_back_at_start(
+    subvol_driver: DriverProcess, scsi: Csi
+):
+    pool = str(_pool_path(subvol_driver))
+    vid = scsi.create("pvc-kind-quota", size=8 * MiB).volume_id
+    try:
+        btrfs.disable_quotas(pool)  # an operator's mistake: every limit is gone
+        got = scsi.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=vid), timeout=30)
+        condition = got.status.volume_condition
+        assert condition.abnormal and "quotas are off" in condition.message, condition
+        subvol_driver.stop()
+        subvol_driver.start()
+        assert btrfs.quota_status(pool).enabled
+        subvolume = btrfs.subvolume_id(os.path.join(pool, "volumes", vid))
+        assert btrfs.qgroup_usage(pool, subvolume).max_referenced == 8 * MiB
+        got = subvol_driver.csi().controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=vid), timeout=30)
+        assert not got.status.volume_condition.abnormal, got.status.volume_condition
+    finally:
+        subvol_driver.csi().delete(vid)
+
+
 def test_a_path_that_is_not_btrfs_is_refused(tmp_path: Path):
     config = parse_config({"pools": [{"name": "nob", "type": "subvolume",
                                       "path": str(tmp_path / "pool")}]}, str(tmp_path))
@@ -260,3 +297,82 @@ def test_a_path_that_is_not_btrfs_is_refused(tmp_path: Path):
     assert "not btrfs" in message and "mkfs.btrfs" in message, message
     assert not pool.ready
     assert pool.describe()["problem"] == message
+
+
+@pytest.fixture
+def btrfs_disk() -> Iterator[tuple[Path, str]]:
+    """One loop device made by this test, standing in for a disk of a disk pool."""
+    base = Path(os.path.realpath(tempfile.mkdtemp(prefix="csik", dir="/tmp")))
+    image = base / "disk0.img"
+    with open(image, "wb") as handle:
+        handle.truncate(512 * MiB)
+    device = loop.attach(str(image), direct_io=False)
+    try:
+        yield base, device
+    finally:
+        for entry in mounts.read_mounts():
+            if entry.source == device:
+                mounts.unmount(entry.mount_point)
+        assert wait_until(lambda: _detached(device), 30.0), f"{device} stays busy"
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _detached(device: str) -> bool:
+    try:
+        loop.detach(device)
+    except FailedPrecondition:
+        return False
+    return True
+
+
+def test_disk_pool_backing_mode_with_subvolume_volumes(btrfs_disk: tuple[Path, str]):
+    base, device = btrfs_disk
+
+    def config(driver_base: Path) -> dict[str, object]:
+        return {"pools": [{
+            "name": "disks", "type": "disk", "mode": "backing", "backing_fs_type": "btrfs",
+            "volume_kind": "subvolume",
+            "selector": {"kernel": "loop*",
+                         "attributes": {"loop/backing_file": f"{base}/disk*.img"}}}]}
+
+    with running_driver(node_id="node-disk-subvol", config=config) as driver:
+        csi = driver.csi()
+        assert filesystems.probe_filesystem(device) == "btrfs"
+        (pool,) = driver.pools_json()["pools"]
+        assert pool["volume_kind"] == "subvolume" and pool["quota_mode"] in ("squota", "qgroup")
+        message = expect_code(Code.INVALID_ARGUMENT, csi.controller.CreateVolume,
+                              csi_pb2.CreateVolumeRequest(name="pvc-disk-blk",
+                                                          volume_capabilities=[block_cap()]))
+        assert "disks" in message and "subvolume" in message, message
+        vid, staging, target = _published(driver, csi, "pvc-disk-subvol", 16 * MiB)
+        disk_mount = next(e.mount_point for e in mounts.read_mounts() if e.source == device)
+        assert btrfs.is_subvolume(os.path.join(disk_mount, "volumes", vid))
+        assert 8 * MiB < _fill(os.path.join(target, "data"), 32 * MiB) < 16 * MiB
+        snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+            source_volume_id=vid, name="snap-disk-subvol"), timeout=30).snapshot
+        assert btrfs.is_subvolume(os.path.join(disk_mount, "snapshots", snap.snapshot_id))
+        grown = csi.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=48 * MiB)),
+            timeout=30)
+        assert not grown.node_expansion_required
+        assert _fill(os.path.join(target, "more"), 16 * MiB) == 16 * MiB
+        _teardown(csi, vid, staging, target)
+        csi.controller.DeleteSnapshot(
+            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=30)
+        assert os.listdir(os.path.join(disk_mount, "volumes")) == []
+        assert os.listdir(os.path.join(disk_mount, "snapshots")) == []
+
+
+def test_a_subvolume_deleted_behind_the_drivers_back_can_still_be_unstaged(
+    subvol_driver: DriverProcess, scsi: Csi
+):
+    vid, staging, target = _published(subvol_driver, scsi, "pvc-kind-yanked", 8 * MiB)
+    subvolume = _pool_path(subvol_driver) / "volumes" / vid
+    btrfs.delete_subvolume(str(subvolume), check_mounts=False)  # the kernel allows it
+    condition = scsi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=vid, volume_path=target), timeout=30).volume_condition
+    assert condition.abnormal and "missing" in condition.message, condition
+    scsi.unpublish(vid, target)
+    scsi.unstage(vid, staging)
+    assert not mounts.is_mountpoint(staging) and not os.path.lexists(target)
+    scsi.delete(vid)
