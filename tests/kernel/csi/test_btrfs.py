@@ -211,6 +211,20 @@ def test_usage_query_matches_written_bytes_and_sysfs(qfs: tuple[Fs, QuotaMode]):
         btrfs.qgroup_usage(fs.root, 99999)
 
 
+def test_listings_span_many_tree_search_batches(fs: Fs):
+    btrfs.enable_quotas(fs.root, QuotaMode.FULL)
+    # A 4 KiB search buffer holds about 55 qgroup items: 150 volumes need several rounds.
+    made = {btrfs.create_subvolume(fs.root, f"v{i}", limit=(i + 1) * MiB).id for i in range(150)}
+    qgroups = btrfs.list_qgroups(fs.root)
+    assert made <= set(qgroups)
+    assert {qgroups[i].max_referenced for i in made} == {(i + 1) * MiB for i in range(150)}
+    btrfs.commit(fs.root)
+    committed = btrfs.list_qgroups(fs.root, live=False)
+    assert {committed[i].max_referenced for i in made} == {(i + 1) * MiB for i in range(150)}
+    roots = btrfs.root_item_ids(fs.root)
+    assert made <= set(roots) and all(roots[i] for i in made)
+
+
 def test_snapshots_read_only_and_writable_with_own_limits(qfs: tuple[Fs, QuotaMode]):
     fs, mode = qfs
     src = btrfs.create_subvolume(fs.root, "src", limit=10 * MiB)
