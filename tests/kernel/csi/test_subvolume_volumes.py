@@ -215,6 +215,8 @@ class Writer(threading.Thread):
                         os.ftruncate(fd, 0)
                         os.lseek(fd, 0, os.SEEK_SET)
                         self.written = 0
+                        # Freed extents leave the qgroup only at a commit.
+                        btrfs.commit(os.path.dirname(self.path))
                     done = os.write(fd, b"n" * MiB)
                     os.fsync(fd)
                     self.written += done
@@ -229,9 +231,12 @@ class Writer(threading.Thread):
         self.join(timeout=60)
         assert not self.is_alive(), "writer did not stop"
 
-    def progress(self, seconds: float) -> int:
+    def progress(self, need: int, timeout: float) -> int:
+        """Bytes written from now on, once ``need`` are or ``timeout`` seconds pass."""
         start = self.total
-        time.sleep(seconds)
+        deadline = time.monotonic() + timeout
+        while self.total - start < need and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.total - start
 
 
@@ -251,7 +256,7 @@ def test_limit_stops_one_volume_others_keep_writing_and_expand_lets_it_through(
             assert isinstance(error, OSError) and error.errno == errno.EDQUOT, (written, error)
             assert 12 * MiB <= written <= 16 * MiB, written
             for writer in writers:  # the full volume holds no one else back
-                assert writer.progress(0.5) >= 2 * MiB
+                assert writer.progress(2 * MiB, timeout=20) >= 2 * MiB
                 assert writer.error is None, writer.error
 
             resp = vols.csi.controller.ControllerExpandVolume(
