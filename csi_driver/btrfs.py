@@ -1124,7 +1124,7 @@ def remove_stale_qgroups(path: str) -> list[int]:
     A deleted subvolume that is not dropped yet keeps its qgroup until a later call.
     """
     try:
-        qgroups = list_qgroups(path)
+        qgroups = list_qgroups(path, live=False)  # only the IDs matter here
     except QuotasDisabled:
         return []
     roots = root_item_ids(path)
