@@ -92,6 +92,7 @@ class Neighbour:
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "stream")
         self.written = 0
+        self.total = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -105,8 +106,12 @@ class Neighbour:
                         os.ftruncate(fd, 0)
                         os.lseek(fd, 0, os.SEEK_SET)
                         self.written = 0
-                    self.written += os.write(fd, b"n" * CHUNK)
+                        # Freed extents leave the qgroup only at a commit.
+                        btrfs.commit(os.path.dirname(self.path))
+                    done = os.write(fd, b"n" * CHUNK)
                     os.fsync(fd)
+                    self.written += done
+                    self.total += done
             finally:
                 os.close(fd)
         except BaseException as exc:
@@ -121,17 +126,13 @@ class Neighbour:
         self._thread.join(timeout=30)
         assert not self._thread.is_alive(), "neighbour writer did not stop"
 
-    def progress(self, seconds: float) -> int:
-        """Bytes the neighbour wrote during the next ``seconds`` (it restarts at 96 MiB)."""
-        total = 0
-        last = self.written
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.02)
-            now = self.written
-            total += now - last if now >= last else now
-            last = now
-        return total
+    def progress(self, need: int, timeout: float) -> int:
+        """Bytes written from now on, once ``need`` are or ``timeout`` seconds pass."""
+        start = self.total
+        deadline = time.monotonic() + timeout
+        while self.total - start < need and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.total - start
 
 
 def test_non_btrfs_path_is_refused_with_what_to_do(scratch: Scratch):
@@ -170,7 +171,7 @@ def test_limit_stops_one_volume_while_another_keeps_writing(qfs: tuple[Fs, Quota
             assert isinstance(error, OSError) and error.errno == errno.EDQUOT, (written, error)
             assert 12 * MiB <= written <= 16 * MiB, written  # metadata counts too
             # The neighbour is not held back by the full volume.
-            assert neighbour.progress(0.5) >= 2 * CHUNK
+            assert neighbour.progress(2 * CHUNK, timeout=20) >= 2 * CHUNK
             assert neighbour.error is None, neighbour.error
             # Still full: the same write fails again...
             with pytest.raises(OSError) as again:
@@ -209,6 +210,20 @@ def test_usage_query_matches_written_bytes_and_sysfs(qfs: tuple[Fs, QuotaMode]):
     assert (committed.referenced, committed.max_referenced) == (usage.referenced, 64 * MiB)
     with pytest.raises(btrfs.SubvolumeNotFound, match="no qgroup"):
         btrfs.qgroup_usage(fs.root, 99999)
+
+
+def test_listings_span_many_tree_search_batches(fs: Fs):
+    btrfs.enable_quotas(fs.root, QuotaMode.FULL)
+    # A 4 KiB search buffer holds about 55 qgroup items: 150 volumes need several rounds.
+    made = {btrfs.create_subvolume(fs.root, f"v{i}", limit=(i + 1) * MiB).id for i in range(150)}
+    qgroups = btrfs.list_qgroups(fs.root)
+    assert made <= set(qgroups)
+    assert {qgroups[i].max_referenced for i in made} == {(i + 1) * MiB for i in range(150)}
+    btrfs.commit(fs.root)
+    committed = btrfs.list_qgroups(fs.root, live=False)
+    assert {committed[i].max_referenced for i in made} == {(i + 1) * MiB for i in range(150)}
+    roots = btrfs.root_item_ids(fs.root)
+    assert made <= set(roots) and all(roots[i] for i in made)
 
 
 def test_snapshots_read_only_and_writable_with_own_limits(qfs: tuple[Fs, QuotaMode]):

@@ -215,6 +215,8 @@ class Writer(threading.Thread):
                         os.ftruncate(fd, 0)
                         os.lseek(fd, 0, os.SEEK_SET)
                         self.written = 0
+                        # Freed extents leave the qgroup only at a commit.
+                        btrfs.commit(os.path.dirname(self.path))
                     done = os.write(fd, b"n" * MiB)
                     os.fsync(fd)
                     self.written += done
@@ -229,9 +231,12 @@ class Writer(threading.Thread):
         self.join(timeout=60)
         assert not self.is_alive(), "writer did not stop"
 
-    def progress(self, seconds: float) -> int:
+    def progress(self, need: int, timeout: float) -> int:
+        """Bytes written from now on, once ``need`` are or ``timeout`` seconds pass."""
         start = self.total
-        time.sleep(seconds)
+        deadline = time.monotonic() + timeout
+        while self.total - start < need and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.total - start
 
 
@@ -251,7 +256,7 @@ def test_limit_stops_one_volume_others_keep_writing_and_expand_lets_it_through(
             assert isinstance(error, OSError) and error.errno == errno.EDQUOT, (written, error)
             assert 12 * MiB <= written <= 16 * MiB, written
             for writer in writers:  # the full volume holds no one else back
-                assert writer.progress(0.5) >= 2 * MiB
+                assert writer.progress(2 * MiB, timeout=20) >= 2 * MiB
                 assert writer.error is None, writer.error
 
             resp = vols.csi.controller.ControllerExpandVolume(
@@ -372,8 +377,17 @@ class LiveSource(threading.Thread):
 
 def _check_point_in_time(root: str, completed: list[int],
                          started: list[int], synced: int) -> str:
-    """Assert ``root`` holds an untorn image no older than the given floor; its digest."""
+    """Assert ``root`` holds one untorn point-in-time image within the marks; its digest.
+
+    Within each file: whole versions and checksummed records only.  Across
+    files: the writer finishes (fsync, rename) version v before it starts v+1
+    and appends 8 fsynced log records after each rename, so an image taken at
+    one instant that holds version N as its newest holds, in every other slot,
+    the newest version below N of that slot, and 8*N to 8*(N+1) log records.
+    A file-by-file copy of a volume being written would break that.
+    """
     digest = hashlib.sha256()
+    numbers: dict[int, int] = {}
     for slot in range(SLOTS):
         path = os.path.join(root, f"slot{slot}")
         if completed[slot] < 0 and not os.path.exists(path):
@@ -386,7 +400,13 @@ def _check_point_in_time(root: str, completed: list[int],
                                           f"{completed[slot]}, completed before the snapshot"
         if started:
             assert number <= started[slot], f"slot{slot}: version from after the snapshot"
+        numbers[slot] = number
         digest.update(data)
+    newest = max(numbers.values(), default=-1)
+    for slot in range(SLOTS):
+        expected = newest - (newest - slot) % SLOTS  # newest version <= newest in this slot
+        assert numbers.get(slot, -1) == (expected if expected >= 0 else -1), \
+            f"slots {numbers} are not one instant's state (newest version {newest})"
     with open(os.path.join(root, "log"), "rb") as handle:
         log = handle.read()
     valid = 0
@@ -397,6 +417,8 @@ def _check_point_in_time(root: str, completed: list[int],
     # Beyond the valid records only zeros may follow (btrfs sizes a file being
     # appended to during the snapshot before its data lands: a crash-like tail).
     assert log[valid * RECORD:].strip(b"\0") == b"", "log has a torn record"
+    assert 8 * newest <= valid <= 8 * (newest + 1), \
+        f"log holds {valid} records, version {newest} is the newest file"
     digest.update(log[: valid * RECORD])
     return digest.hexdigest()
 
