@@ -143,13 +143,15 @@ IMAGE_POOL_OPTIONS: dict[str, Option] = {
 }
 
 _SUBVOLUME_OPTIONS: dict[str, Option] = {
-    "quota_mode": Option("enum", "auto", "How btrfs accounts each volume against its limit: "
-                         "`simple` quotas (kernel 6.7+: cheap, every extent charged once to the "
+    "quota_mode": Option("enum", "full", "How btrfs accounts each volume against its limit: "
+                         "`full` qgroups (the default: shared data counts for every volume "
+                         "that references it, so the limit bounds everything a volume, clone "
+                         "or restore can hold; random writes slow down after snapshots), "
+                         "`simple` quotas (kernel 6.7+: every extent charged once to the "
                          "volume that wrote it, so a restore or clone is charged only for what "
-                         "it writes itself), `full` qgroups (shared data counts for every "
-                         "volume that references it; writes slow down after snapshots), or "
-                         "`auto` (simple where the kernel has it, else full). Quotas already "
-                         "on keep their mode.", choices=QUOTA_MODES),
+                         "it writes itself and can hold more than its capacity), or `auto` "
+                         "(simple where the kernel has it, else full). Quotas already on keep "
+                         "their mode.", choices=QUOTA_MODES),
 }
 
 SUBVOLUME_POOL_OPTIONS: dict[str, Option] = {
@@ -449,7 +451,7 @@ def render_reference() -> str:
         "  - name: subvol",
         "    type: subvolume",
         "    path: /srv/btrfs/hostkit",
-        "    quota_mode: auto",
+        "    quota_mode: full",
         "```",
         "",
     ]

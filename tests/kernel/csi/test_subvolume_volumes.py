@@ -511,3 +511,50 @@ def test_pool_on_a_path_that_is_not_btrfs_is_refused():
         driver.cleanup()
         if not mounts_under(base):
             shutil.rmtree(base, ignore_errors=True)
+
+
+def test_by_default_a_clone_holds_no_more_than_its_capacity():
+    """The pool's default quota mode makes a clone's limit bound what it holds,
+    shared data included: a 16 MiB clone of a volume holding 10 MiB takes at
+    most 6 MiB more.  (Simple quotas would take 16 MiB more: why full qgroups are
+    the default.)  NodeGetVolumeStats then counts the shared data too."""
+    base = Path(tempfile.mkdtemp(prefix="csisv", dir="/tmp"))
+    try:
+        with btrfs_mount(base, size=1 << 30) as fs:
+            driver = DriverProcess(base=base, node_id="node-a", config={"pools": [
+                {"name": POOL, "type": "subvolume", "path": str(fs / "pool")}]})
+            try:
+                driver.start()
+                sv = SubvolDriver(driver, fs, "default")
+                vols = Volumes(sv)
+                try:
+                    source = vols.up(vols.create(16 * MiB))
+                    with open(source.file("shared"), "wb") as handle:
+                        handle.write(os.urandom(10 * MiB))
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    btrfs.commit(sv.pool_path)
+                    clone = vols.up(vols.create(16 * MiB, source=csi_pb2.VolumeContentSource(
+                        volume=csi_pb2.VolumeContentSource.VolumeSource(
+                            volume_id=source.id))))
+                    assert os.path.getsize(clone.file("shared")) == 10 * MiB
+                    fd = os.open(clone.file("more"), os.O_WRONLY | os.O_CREAT, 0o644)
+                    try:
+                        written, error = _write_until_error(fd, 16 * MiB)
+                    finally:
+                        os.close(fd)
+                    assert isinstance(error, OSError) and error.errno == errno.EDQUOT, \
+                        (written, error)
+                    assert written <= 6 * MiB, written
+                    btrfs.commit(sv.pool_path)
+                    used = _stats(vols.csi, clone)[csi_pb2.VolumeUsage.Unit.BYTES].used
+                    assert used >= 10 * MiB, used
+                finally:
+                    vols.close()
+            finally:
+                leftovers = driver.cleanup()
+                if leftovers:
+                    print(f"cleaned after the driver in {base}: {leftovers}")
+    finally:
+        if not mounts_under(base):
+            shutil.rmtree(base, ignore_errors=True)

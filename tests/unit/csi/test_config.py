@@ -139,6 +139,6 @@ def test_subvolume_pools_carry_btrfs_and_a_quota_mode():
     ]}, "/state")
     sub, disk = config.pools
     assert (sub.type, sub.default_fs_type, sub.quota_mode, sub.thin) == (
-        "subvolume", "btrfs", "auto", True)
+        "subvolume", "btrfs", "full", True)
     assert (disk.volume_kind, disk.default_fs_type, disk.quota_mode) == (
         "subvolume", "btrfs", "full")
