@@ -2,7 +2,9 @@
 
 Two host processes built from the ``hostkit-device-plugin`` DaemonSet of
 ``daemonsets/overlays/default`` (``tests/e2e/daemonsets.py``), after its
-Namespace, ServiceAccount and ConfigMap were applied to the cluster:
+Namespace, ServiceAccount and ConfigMap were applied to the cluster.  They run in
+the node's mount namespace and use the DaemonSet's /var/lib/kubelet/device-plugins
+as is (the kubelet's fixed directory, bound to the run's own there):
 
 * ``default``: the DaemonSet as rendered, with its ConfigMap (fuse, tun, kvm);
 * ``loop``: the same container with the ConfigMap replaced by
@@ -32,7 +34,7 @@ from lightkube.resources.core_v1 import ConfigMap, Node, Pod
 
 from device_plugin import api
 from plugin_runtime import commands
-from tests.e2e import kube
+from tests.e2e import host, kube
 from tests.e2e.binaries import ROOT
 from tests.e2e.cluster import Node as ClusterNode
 from tests.e2e.daemonsets import HostPod, apply_objects, render
@@ -87,7 +89,11 @@ class Plugins:
         run = cluster.run
         docs = render(cluster.binaries["kubectl"])
         apply_objects(self.client, docs, ["Namespace", "ServiceAccount", "ConfigMap"])
-        host_paths = {"/var/lib/kubelet": cluster.kubelet_root, "/var/run/cdi": cluster.cdi_dir}
+        # The kubelet root moves; its device-plugin directory does not (the node's mount
+        # namespace binds the run's directory there, see Node._start_mount_namespace).
+        host_paths = {"/var/lib/kubelet": cluster.kubelet_root,
+                      host.KUBELET_DEVICE_PLUGIN_DIR: Path(host.KUBELET_DEVICE_PLUGIN_DIR),
+                      "/var/run/cdi": cluster.cdi_dir}
         self.cdi_probe = run.directory / "cdi-probe"
         self.cdi_probe.mkdir()
         (self.cdi_probe / "marker").write_text("cdi-edits-applied\n")
