@@ -219,6 +219,9 @@ def test_embedded_default_configuration_registers(plugins: Plugins, cluster: Clu
         wait_allocatable(client, cluster.node_name, default_resources())
     finally:
         embedded.stop()
+        # The kubelet must have seen this plugin go before the next one registers,
+        # or its late disconnect could race the next scenario's admission.
+        wait_allocatable(client, cluster.node_name, {FUSE: "0"})
         plugins.start(plugins.default, plugins.default_pod)
     wait_allocatable(client, cluster.node_name, default_resources())
 
