@@ -101,6 +101,8 @@ def e2e_run(e2e_binaries: binaries.Binaries) -> Iterator[Run]:
     run = Run()
     yield run
     leaks = run.close()
+    if leaks and run.saved_logs is not None:
+        (run.saved_logs / "leaks.txt").write_text("\n".join(leaks) + "\n")
     if leaks:
         pytest.fail("the end-to-end tier left this behind:\n  " + "\n  ".join(leaks),
                     pytrace=False)
