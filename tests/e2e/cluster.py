@@ -462,6 +462,7 @@ imports = []
             lambda: self._stop("containerd"),
             self._remove_containers,
             lambda: host.remove_cgroup_root(self.run.name),
+            self._unmount_in_node,
             self._empty_mount_namespace,
             lambda: host.unmount_under(self.run.directory),
             lambda: host.delete_link(self.bridge),
@@ -475,6 +476,18 @@ imports = []
                 step()
             except Exception:
                 log.exception("e2e teardown step failed; continuing")
+
+    def mounts(self, under: Path) -> list[str]:
+        """Mount points at or below ``under`` as the node (kubelet, containerd) sees them;
+        the test process's own namespace does not see the node's mounts."""
+        return host.mounts_under(under, self.daemons["mount-namespace"].pid)
+
+    def _unmount_in_node(self) -> None:
+        """What containerd or a driver left mounted in the node's namespace (the
+        namespace would drop it anyway; this also releases loop devices at once)."""
+        holder = self.daemons.get("mount-namespace")
+        if holder is not None and holder.running():
+            host.unmount_under(self.run.directory, holder.pid, self.in_node())
 
     def _empty_mount_namespace(self) -> None:
         """Stop the holder and whatever a test left in the namespace; it then vanishes."""

@@ -27,7 +27,9 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
     reachable from the test process by their run paths.  Useful attributes:
     ``node_name``, ``node_ip``, ``kubelet_root``, ``device_plugin_dir``,
     ``pod_resources_socket``, ``cdi_dir``, ``binaries``, ``cp`` (the control
-    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``.
+    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``,
+    ``mounts(under)`` (mount points as the node sees them: the test process's
+    own /proc/self/mountinfo does not show the node's mounts).
 
 Our DaemonSets as host processes: ``tests/e2e/daemonsets.py`` (``render``,
 ``HostPod``: argv/env/paths/ports of a container from the rendered manifests,
