@@ -83,16 +83,19 @@ class Run:
         self.footprint.save()
         self.saved_logs: Path | None = None
 
-    def close(self) -> list[str]:
-        """Remove the directory (never across a mount) and return what leaked."""
+    def close(self, keep_logs: bool) -> list[str]:
+        """Remove the directory (never across a mount) and return what leaked; the
+        component logs are kept first with ``keep_logs`` (a test failed) or a leak."""
         host.unmount_under(self.directory)
-        if self.directory.exists() and not host.mounts_under(self.directory):
+        own_dir = f"directory {self.directory}"
+        if keep_logs or [leak for leak in self.footprint.leaks() if leak != own_dir]:
             self._keep_logs()
+        if self.directory.exists() and not host.mounts_under(self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
         return self.footprint.leaks()
 
     def _keep_logs(self) -> None:
-        """Component logs survive the run in /tmp/hke-logs-<id> for failure reports."""
+        """Component logs survive a failed run in /tmp/hke-logs-<id>."""
         target = Path(f"/tmp/hke-logs-{self.id}")
         with contextlib.suppress(OSError):
             shutil.copytree(self.logs, target)
