@@ -359,12 +359,15 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
 
 
 def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
-        plugins: Plugins, cluster: ClusterNode, clean_pods: Client):
+        plugins: Plugins, cluster: ClusterNode, clean_pods: Client, figure):
     client = clean_pods
     node = cluster.node_name
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+    attached = time.monotonic()
     second = plugins.loops.attach()
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
+    figure(f"loop device attached -> in the Node's capacity: {time.monotonic() - attached:.1f} s "
+           "(the kubelet posts node status every 10 s)")
     commands.run(["blockdev", "--setro", second], timeout=30)
     try:
         wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "2"})
