@@ -2,7 +2,9 @@
 
 Two host processes built from the ``hostkit-device-plugin`` DaemonSet of
 ``daemonsets/overlays/default`` (``tests/e2e/daemonsets.py``), after its
-Namespace, ServiceAccount and ConfigMap were applied to the cluster:
+Namespace, ServiceAccount and ConfigMap were applied to the cluster.  They run in
+the node's mount namespace and use the DaemonSet's /var/lib/kubelet/device-plugins
+as is (the kubelet's fixed directory, bound to the run's own there):
 
 * ``default``: the DaemonSet as rendered, with its ConfigMap (fuse, tun, kvm);
 * ``loop``: the same container with the ConfigMap replaced by
@@ -32,7 +34,7 @@ from lightkube.resources.core_v1 import ConfigMap, Node, Pod
 
 from device_plugin import api
 from plugin_runtime import commands
-from tests.e2e import kube
+from tests.e2e import host, kube
 from tests.e2e.binaries import ROOT
 from tests.e2e.cluster import Node as ClusterNode
 from tests.e2e.daemonsets import HostPod, apply_objects, render
@@ -87,7 +89,11 @@ class Plugins:
         run = cluster.run
         docs = render(cluster.binaries["kubectl"])
         apply_objects(self.client, docs, ["Namespace", "ServiceAccount", "ConfigMap"])
-        host_paths = {"/var/lib/kubelet": cluster.kubelet_root, "/var/run/cdi": cluster.cdi_dir}
+        # The kubelet root moves; its device-plugin directory does not (the node's mount
+        # namespace binds the run's directory there, see Node._start_mount_namespace).
+        host_paths = {"/var/lib/kubelet": cluster.kubelet_root,
+                      host.KUBELET_DEVICE_PLUGIN_DIR: Path(host.KUBELET_DEVICE_PLUGIN_DIR),
+                      "/var/run/cdi": cluster.cdi_dir}
         self.cdi_probe = run.directory / "cdi-probe"
         self.cdi_probe.mkdir()
         (self.cdi_probe / "marker").write_text("cdi-edits-applied\n")
@@ -127,6 +133,27 @@ class Plugins:
     def stop(self) -> None:
         for daemon in (self.default, self.loop):
             daemon.stop()
+
+
+def registrations(pod: HostPod) -> dict[str, float]:
+    """``hostkit_device_plugin_registrations_total{result="ok"}`` by resource, scraped
+    from the metrics port the DaemonSet declares (mapped like every port)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics_port = pod.ports[next(p["containerPort"] for p in pod.container(CONTAINER)["ports"]
+                                  if p["name"] == "metrics")]
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "hostkit_device_plugin_registrations":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["result"] == "ok":
+                    out[sample.labels["resource"]] = sample.value
+    return out
 
 
 def _http_ok(url: str) -> bool:
@@ -213,6 +240,9 @@ def test_embedded_default_configuration_registers(plugins: Plugins, cluster: Clu
         wait_allocatable(client, cluster.node_name, default_resources())
     finally:
         embedded.stop()
+        # The kubelet must have seen this plugin go before the next one registers,
+        # or its late disconnect could race the next scenario's admission.
+        wait_allocatable(client, cluster.node_name, {FUSE: "0"})
         plugins.start(plugins.default, plugins.default_pod)
     wait_allocatable(client, cluster.node_name, default_resources())
 
@@ -287,16 +317,20 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
         limits={FUSE: "1"}))
     kube.wait_running(client, "keeps-device")
     before = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
+    counted = {**registrations(plugins.default_pod), **registrations(plugins.loop_pod)}
 
+    old_version = client.get(Node, cluster.node_name).metadata.resourceVersion
     wall = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     started = cluster.restart_kubelet()
 
     def fresh_and_back(node: Node) -> bool:
+        """A status posted by the new kubelet (a stale one would read the same)."""
         ready = next(c for c in node.status.conditions if c.type == "Ready")
         alloc = node.status.allocatable or {}
         heartbeat = ready.lastHeartbeatTime
-        return heartbeat is not None and heartbeat >= wall and all(
-            alloc.get(k) == v for k, v in want.items())
+        return (node.metadata.resourceVersion != old_version
+                and heartbeat is not None and heartbeat >= wall
+                and all(alloc.get(k) == v for k, v in want.items()))
 
     kube.wait_for(lambda: client.get(Node, cluster.node_name), fresh_and_back,
                   "allocatable restored after the kubelet restart", WAIT, interval=0.05)
@@ -305,6 +339,8 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
     after = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
     new = after - before - {"kubelet.sock"}
     assert len(new) == len(want), f"re-registered sockets {new}, before {before}"
+    recounted = {**registrations(plugins.default_pod), **registrations(plugins.loop_pod)}
+    assert all(recounted[r] >= counted[r] + 1 for r in want), (counted, recounted)
 
     pod = client.get(Pod, "keeps-device")
     assert pod.status.phase == "Running"
@@ -317,18 +353,24 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
                   lambda t: t.count("tick") > ticks + 1 and "lost" not in t,
                   "the running pod still sees its device")
 
+    # The new kubelet rebuilt the allocation from its checkpoint.
+    assert len(held_devices(cluster, "keeps-device").get(FUSE, [])) == 1
+
     client.create(kube.busybox_pod("admitted-after", "echo ok; sleep 3600",
                                    limits={FUSE: "1", LOOP: "1"}))
     kube.wait_running(client, "admitted-after")
 
 
 def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
-        plugins: Plugins, cluster: ClusterNode, clean_pods: Client):
+        plugins: Plugins, cluster: ClusterNode, clean_pods: Client, figure):
     client = clean_pods
     node = cluster.node_name
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+    attached = time.monotonic()
     second = plugins.loops.attach()
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
+    figure(f"loop device attached -> in the Node's capacity: {time.monotonic() - attached:.1f} s "
+           "(the kubelet posts node status every 10 s)")
     commands.run(["blockdev", "--setro", second], timeout=30)
     try:
         wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "2"})
@@ -337,6 +379,21 @@ def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
     plugins.loops.detach(second)
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+
+
+def held_devices(cluster: ClusterNode, pod: str) -> dict[str, list[str]]:
+    """Device IDs by resource that the kubelet's pod-resources API lists for ``pod``."""
+    pb, stubs = api.pod_resources_api()
+    with grpc.insecure_channel(f"unix://{cluster.pod_resources_socket}") as channel:
+        listed = stubs.PodResourcesListerStub(channel).List(pb.ListPodResourcesRequest(),
+                                                            timeout=10)
+    held: dict[str, list[str]] = {}
+    for entry in listed.pod_resources:
+        if entry.name == pod:
+            for container in entry.containers:
+                for devices in container.devices:  # one entry per resource and NUMA node
+                    held.setdefault(devices.resource_name, []).extend(devices.device_ids)
+    return held
 
 
 def test_pod_resources_api_reports_who_holds_which_device(
@@ -348,18 +405,16 @@ def test_pod_resources_api_reports_who_holds_which_device(
     log = kube.wait_log(client, "holder", "ids=")
     loop_id = log.split("ids=", 1)[1].split()[0]
 
+    held = held_devices(cluster, "holder")
+    assert held[LOOP] == [loop_id]
+    assert len(held[FUSE]) == 2
+
     pb, stubs = api.pod_resources_api()
     with grpc.insecure_channel(f"unix://{cluster.pod_resources_socket}") as channel:
         stub = stubs.PodResourcesListerStub(channel)
         listed = stub.List(pb.ListPodResourcesRequest(), timeout=10)
         allocatable = stub.GetAllocatableResources(pb.AllocatableResourcesRequest(),
                                                    timeout=10)
-    (holder,) = [p for p in listed.pod_resources if p.name == "holder"]
-    held: dict[str, list[str]] = {}
-    for entry in holder.containers[0].devices:  # one entry per resource and NUMA node
-        held.setdefault(entry.resource_name, []).extend(entry.device_ids)
-    assert held[LOOP] == [loop_id]
-    assert len(held[FUSE]) == 2
     offered: dict[str, set[str]] = {}
     for entry in allocatable.devices:
         offered.setdefault(entry.resource_name, set()).update(entry.device_ids)
@@ -367,4 +422,3 @@ def test_pod_resources_api_reports_who_holds_which_device(
     others = [p for p in listed.pod_resources if p.name != "holder"
               for c in p.containers for d in c.devices if d.resource_name == LOOP]
     assert others == []
-
