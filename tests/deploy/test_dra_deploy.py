@@ -63,12 +63,18 @@ def test_component_mounts_the_kubelet_dirs_under_the_root_and_validates(tmp_path
     mounts = {m["name"]: m["mountPath"] for m in cont["volumeMounts"]}
     volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     for name, suffix in (("kubelet-plugins", "plugins"), ("plugins-registry", "plugins_registry"),
-                         ("pod-resources", "pod-resources"), ("device-plugins", "device-plugins")):
+                         ("pod-resources", "pod-resources")):
         assert mounts[name] == volumes[name] == f"{root}/{suffix}", name
+    # The kubelet keeps its device-plugin socket at this path whatever its root.
+    assert mounts["device-plugins"] == volumes["device-plugins"] == \
+        "/var/lib/kubelet/device-plugins"
     args = dict(a.split("=", 1) for a in cont["args"][1:])
+    assert args["--kubelet-dir"] == "/var/lib/kubelet/device-plugins"
+    assert expand(cont, args["--kubelet-root"]) == root
     assert expand(cont, args["--pod-resources-socket"]) == f"{root}/pod-resources/kubelet.sock"
     assert args["--node-name"] == "$(NODE_NAME)"
-    assert "/var/lib/kubelet" not in yaml.safe_dump(dp) or root == "/var/lib/kubelet"
+    others = yaml.safe_dump(dp).replace("/var/lib/kubelet/device-plugins", "")
+    assert "/var/lib/kubelet" not in others or root == "/var/lib/kubelet"
 
 
 def test_every_flag_of_the_dra_daemonset_exists(tmp_path):
