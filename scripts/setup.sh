@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(e2fsprogs xfsprogs btrfs-progs util-linux kmod fio umockdev gir1.2-umockdev-1.0 python3-gi)
+APT_PACKAGES=(e2fsprogs xfsprogs btrfs-progs util-linux kmod fio umockdev gir1.2-umockdev-1.0 python3-gi
+    # the end-to-end tier (tests/e2e): etcd, runc and CNI plugins for the real cluster,
+    # busybox-static for its images, iptables for the kubelet, xz for the shared binaries
+    etcd-server runc containernetworking-plugins busybox-static iptables xz-utils)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()

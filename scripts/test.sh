@@ -1,7 +1,32 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the whole test suite: unit, gRPC and, as
-# root, the kernel tests.  Extra arguments go to pytest.
+# Sets up (scripts/setup.sh) and runs the whole test suite: unit, gRPC, deploy and,
+# as root, the kernel tests; then the end-to-end tier (tests/e2e: a real single-node
+# Kubernetes, root and ../shared/kubernetes/bin or HOSTKIT_K8S_BIN needed).
+#   scripts/test.sh            all tiers, end-to-end last
+#   scripts/test.sh --e2e      the end-to-end tier alone
+#   scripts/test.sh --no-e2e   everything but the end-to-end tier
+# Extra arguments go to pytest (to both runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+
+mode=all
+args=()
+for a in "$@"; do
+    case "$a" in
+        --e2e) mode=e2e ;;
+        --no-e2e) mode=quick ;;
+        *) args+=("$a") ;;
+    esac
+done
+
+if [ "$mode" != e2e ]; then
+    .venv/bin/python -m pytest ${args[@]+"${args[@]}"}
+fi
+if [ "$mode" != quick ]; then
+    started=$(date +%s)
+    status=0
+    .venv/bin/python -m pytest tests/e2e ${args[@]+"${args[@]}"} || status=$?
+    echo "end-to-end tier: wall time $(( $(date +%s) - started )) s (exit status $status)"
+    exit "$status"
+fi

@@ -1,0 +1,101 @@
+"""Session fixtures of the end-to-end tier: a real cluster, in layers.
+
+Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
+
+``e2e_binaries`` -> ``Binaries``
+    every executable, the shared ones decompressed once into a cache.
+``e2e_run`` -> ``Run``
+    the run's directory ``/tmp/hke-<id>``; at the end of the session it is
+    removed and the host is checked: any process, mount, loop device, network
+    link, address, cgroup, sysctl or iptables chain of the run left behind
+    fails the session (an error in the last test's teardown).
+``control_plane`` -> ``ControlPlane``
+    etcd + kube-apiserver only (a few seconds); ``.client()`` is a lightkube
+    ``Client`` with cluster-admin rights, ``.kubeconfig(user, groups)`` a
+    kubeconfig for another identity, ``.server`` the API URL.
+``cluster`` -> ``Node``
+    the full single node on top of ``control_plane``: controller manager,
+    scheduler, containerd 2.3, kubelet; node Ready, images imported
+    (``tests.e2e.images.BUSYBOX``, pull policy Never, hostNetwork pods).
+
+All are session-scoped: a module that asks only for ``control_plane`` never
+starts a kubelet.  The tier needs root and the binaries: without them it FAILS
+with a message saying how to get them, unless ``SKIP_E2E_TESTS=1`` is set
+explicitly (as ``SKIP_KERNEL_TESTS`` for the kernel tier), so CI can never pass
+by skipping it.  Component logs of a run are kept in ``/tmp/hke-logs-<id>``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import binaries
+from tests.e2e.cluster import ControlPlane, Node, Run
+
+E2E_DIR = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+def _refuse(reason: str) -> None:
+    if os.environ.get("SKIP_E2E_TESTS") == "1":
+        pytest.skip(f"end-to-end tier skipped (SKIP_E2E_TESTS=1): {reason}")
+    pytest.fail(f"{reason} (set SKIP_E2E_TESTS=1 to skip the end-to-end tier explicitly)",
+                pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def e2e_binaries() -> binaries.Binaries:
+    if os.geteuid() != 0:
+        _refuse("the end-to-end tier needs root (it runs a kubelet and containerd)")
+    problem = ""
+    try:
+        return binaries.locate()
+    except binaries.Unavailable as exc:
+        problem = str(exc)
+    _refuse(problem)
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def e2e_run(e2e_binaries: binaries.Binaries) -> Iterator[Run]:
+    run = Run()
+    yield run
+    leaks = run.close()
+    if leaks:
+        pytest.fail("the end-to-end tier left this behind:\n  " + "\n  ".join(leaks),
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def control_plane(e2e_run: Run, e2e_binaries: binaries.Binaries) -> Iterator[ControlPlane]:
+    started = time.monotonic()
+    cp = ControlPlane(e2e_run, e2e_binaries)
+    try:
+        cp.start()
+        print(f"\n[e2e] control plane ready in {time.monotonic() - started:.1f} s "
+              f"({e2e_run.directory})")
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(control_plane: ControlPlane) -> Iterator[Node]:
+    started = time.monotonic()
+    node = Node(control_plane)
+    try:
+        node.start()
+        print(f"\n[e2e] node {node.node_name} Ready in {time.monotonic() - started:.1f} s")
+        yield node
+    finally:
+        node.stop()
