@@ -156,8 +156,12 @@ def test_yamllint_clean() -> None:
     assert not problems, "\n".join(problems)
 
 
+# The kubelet's device-plugin directory, the same under every root (k8s #68567).
+FIXED_DEVICE_PLUGIN_DIR = f"{DEFAULT_KUBELET_ROOT}/device-plugins"
+
+
 def _root_free(text: str, root: str) -> str:
-    return text.replace(root, "<ROOT>")
+    return text.replace(FIXED_DEVICE_PLUGIN_DIR, "<DP>").replace(root, "<ROOT>")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -170,9 +174,10 @@ def test_overlay_moves_every_kubelet_path(rendered: dict[str, str], overlay: str
     # the default in the root alone.
     assert "/var/lib/kubelet" not in moved.replace("<ROOT>", "")
     assert moved == default
-    # device plugin: KUBELET_ROOT, device-plugins hostPath and mountPath (3);
-    # CSI: KUBELET_ROOT twice, pods/plugins mountPaths, four hostPaths (8).
-    assert default.count("<ROOT>") == 11
+    # CSI: KUBELET_ROOT twice, pods/plugins mountPaths, four hostPaths (8); the device
+    # plugin's directory (--kubelet-dir, hostPath, mountPath) stays where it is.
+    assert default.count("<ROOT>") == 8
+    assert default.count("<DP>") == moved.count("<DP>") == 3
 
 
 def test_kubelet_root_component_takes_any_root(tmp_path: Path) -> None:
@@ -192,8 +197,8 @@ def test_kubelet_root_component_takes_any_root(tmp_path: Path) -> None:
     }))
     text = kustomize(overlay)
     base = kustomize(DAEMONSETS / "base")
-    assert "/var/lib/kubelet" not in text
-    assert text.replace(root, "<ROOT>") == base.replace(DEFAULT_KUBELET_ROOT, "<ROOT>")
+    assert "/var/lib/kubelet" not in _root_free(text, root)
+    assert _root_free(text, root) == _root_free(base, DEFAULT_KUBELET_ROOT)
 
 
 def _with_component(tmp_path: Path, component: str) -> list[dict[str, Any]]:

@@ -19,6 +19,10 @@ Owns the tier's cluster: configuration, start order, readiness and teardown.
     ``/hke-<id>``); ready when the node is Ready and the default ServiceAccount
     exists.  ``restart_kubelet()``, ``kubelet_root``, ``device_plugin_dir``,
     ``pod_resources_socket``, ``cdi_dir``, ``node_name`` serve the scenarios.
+    containerd and the kubelet run in the node's own mount namespace (see
+    ``_start_mount_namespace``: the kubelet's device-plugin directory is fixed at
+    /var/lib/kubelet/device-plugins whatever its root); ``in_node()`` is the argv
+    prefix that starts other node-side processes (our daemons, sidecars) there.
 
 Teardown (``stop``) always runs to the end, whatever failed: pods are deleted
 through the API, the kubelet and containerd stop, leftover shims, runc
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import socket
@@ -207,6 +212,7 @@ class Node:
         self.bridge = f"hke{self.run.id}"
         self.node_ip: str | None = None
         self.daemons: dict[str, Daemon] = {}
+        self.mount_ns: str | None = None
         self._entered_shared = False
 
     # ------------------------------------------------------------------ start
@@ -219,12 +225,46 @@ class Node:
         host.create_cgroup_root(self.run.name)
         fp.cgroup_root = self.run.name
         fp.links.append(self.bridge)
-        for path in (self.kubelet_root, self.cdi_dir, self.containerd_dir, self.runc_root):
+        for path in (self.kubelet_root, self.cdi_dir, self.containerd_dir, self.runc_root,
+                     self.device_plugin_dir):
             path.mkdir(parents=True, exist_ok=True)
+        self._start_mount_namespace()
         self._start_controllers()
         self._start_containerd()
         self._start_kubelet()
         self._wait_ready()
+
+    def _start_mount_namespace(self) -> None:
+        """The node's own mount namespace, with the device-plugin directory bound in.
+
+        The kubelet's device manager ignores ``--root-dir``: its registration socket
+        and checkpoint are always in /var/lib/kubelet/device-plugins.  Two runs would
+        take that socket from each other (and every kubelet start wipes the plugin
+        sockets there), so the node's processes live in a private mount namespace
+        where that path is a bind mount of ``<root>/device-plugins``.  Files and
+        sockets stay reachable from the host by their run paths; mounts made inside
+        (kubelet volumes, container root filesystems) die with the namespace.
+        """
+        host.ensure_device_plugin_mount_point()
+        holder = Daemon("mount-namespace", [
+            "/usr/bin/unshare", "--mount", "--propagation", "private", "--",
+            "/bin/sleep", "infinity"], self.run.logs).start()
+        self.daemons["mount-namespace"] = holder
+        own = os.readlink("/proc/self/ns/mnt")
+        holder.wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/mnt") != own,
+                          "a mount namespace of its own", START_TIMEOUT)
+        self.mount_ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
+        self.run.footprint.mount_namespace = self.mount_ns
+        commands.run([*self.in_node(), "mount", "--bind", str(self.device_plugin_dir),
+                      host.KUBELET_DEVICE_PLUGIN_DIR], timeout=30)
+
+    def in_node(self) -> list[str]:
+        """The argv prefix that runs a command in the node's mount namespace.
+
+        Node-side processes (our daemons, CSI sidecars) start with it, so they see the
+        kubelet's and containerd's mounts as on a real node."""
+        holder = self.daemons["mount-namespace"]
+        return ["/usr/bin/nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", "--"]
 
     def _start_controllers(self) -> None:
         cp = self.cp
@@ -314,8 +354,8 @@ imports = []
     def _start_containerd(self) -> None:
         config = self._containerd_config()
         env = {"PATH": f"{self.binaries.directory_of('containerd-shim-runc-v2')}:{BASE_PATH}"}
-        daemon = Daemon("containerd", [self.binaries["containerd"], "--config", str(config)],
-                        self.run.logs, env=env)
+        daemon = Daemon("containerd", [*self.in_node(), self.binaries["containerd"],
+                                       "--config", str(config)], self.run.logs, env=env)
         self.daemons["containerd"] = daemon.start()
         daemon.wait_until(self.containerd_socket.exists, "its socket", START_TIMEOUT)
         archive = images.build_archive(self.binaries["busybox"],
@@ -377,7 +417,8 @@ imports = []
         kubeconfig = self.cp.kubeconfig(f"system:node:{self.node_name}", ("system:nodes",))
         assert self.node_ip is not None
         self.daemons["kubelet"] = Daemon("kubelet", [
-            self.binaries["kubelet"], f"--config={config}", f"--kubeconfig={kubeconfig}",
+            *self.in_node(), self.binaries["kubelet"],
+            f"--config={config}", f"--kubeconfig={kubeconfig}",
             f"--root-dir={self.kubelet_root}", f"--node-ip={self.node_ip}",
             f"--hostname-override={self.node_name}", "--v=2",
         ], self.run.logs, env={"PATH": f"{BASE_PATH}"}).start()
@@ -418,6 +459,7 @@ imports = []
             lambda: self._stop("containerd"),
             self._remove_containers,
             lambda: host.remove_cgroup_root(self.run.name),
+            self._empty_mount_namespace,
             lambda: host.unmount_under(self.run.directory),
             lambda: host.delete_link(self.bridge),
             self._remove_node_address,
@@ -430,6 +472,18 @@ imports = []
                 step()
             except Exception:
                 log.exception("e2e teardown step failed; continuing")
+
+    def _empty_mount_namespace(self) -> None:
+        """Stop the holder and whatever a test left in the namespace; it then vanishes."""
+        self._stop("mount-namespace")
+        if self.mount_ns is not None:
+            deadline = time.monotonic() + 10
+            while (pids := host.processes_in_namespace(self.mount_ns)) and \
+                    time.monotonic() < deadline:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                time.sleep(0.1)
 
     def _remove_node_address(self) -> None:
         if self.node_ip is not None:
@@ -461,7 +515,7 @@ imports = []
             if not namespace_root.is_dir():
                 continue
             for container in namespace_root.iterdir():
-                commands.run([self.binaries["runc"], "--root", str(namespace_root),
+                commands.run([*self.in_node(), self.binaries["runc"], "--root", str(namespace_root),
                               "delete", "-f", container.name], timeout=30, check=False)
 
     def _leave_shared(self) -> None:

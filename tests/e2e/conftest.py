@@ -17,19 +17,36 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
     the full single node on top of ``control_plane``: controller manager,
     scheduler, containerd 2.3, kubelet; node Ready, images imported
     (``tests.e2e.images.BUSYBOX``, pull policy Never, hostNetwork pods).
+    containerd and the kubelet run in the node's private mount namespace (the
+    kubelet's device-plugin directory is fixed at /var/lib/kubelet/device-plugins,
+    which each run binds to its own ``<root>/device-plugins`` there): start every
+    node-side process (our daemons, CSI sidecars) with ``node.in_node()`` as argv
+    prefix so that its mounts and the kubelet's are the same; files and sockets are
+    reachable from the test process by their run paths.  Useful attributes:
+    ``node_name``, ``node_ip``, ``kubelet_root``, ``device_plugin_dir``,
+    ``pod_resources_socket``, ``cdi_dir``, ``binaries``, ``cp`` (the control
+    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``.
+
+Our DaemonSets as host processes: ``tests/e2e/daemonsets.py`` (``render``,
+``HostPod``: argv/env/paths/ports of a container from the rendered manifests,
+``apply_objects``).  Pods and waits: ``tests/e2e/kube.py``.
 
 All are session-scoped: a module that asks only for ``control_plane`` never
 starts a kubelet.  The tier needs root and the binaries: without them it FAILS
 with a message saying how to get them, unless ``SKIP_E2E_TESTS=1`` is set
 explicitly (as ``SKIP_KERNEL_TESTS`` for the kernel tier), so CI can never pass
 by skipping it.  Component logs of a run are kept in ``/tmp/hke-logs-<id>``.
+
+``figure`` -> ``Callable[[str], None]``
+    records a measured figure; all are printed in the terminal summary (also
+    without ``-s``).  Figures are shown, never asserted.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +55,19 @@ from tests.e2e import binaries
 from tests.e2e.cluster import ControlPlane, Node, Run
 
 E2E_DIR = Path(__file__).parent
+FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def figure() -> Callable[[str], None]:
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("end-to-end figures (measured, not asserted)")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -82,8 +112,8 @@ def control_plane(e2e_run: Run, e2e_binaries: binaries.Binaries) -> Iterator[Con
     cp = ControlPlane(e2e_run, e2e_binaries)
     try:
         cp.start()
-        print(f"\n[e2e] control plane ready in {time.monotonic() - started:.1f} s "
-              f"({e2e_run.directory})")
+        FIGURES.append(f"control plane (etcd + API server) ready: "
+                       f"{time.monotonic() - started:.1f} s ({e2e_run.directory})")
         yield cp
     finally:
         cp.stop()
@@ -95,7 +125,8 @@ def cluster(control_plane: ControlPlane) -> Iterator[Node]:
     node = Node(control_plane)
     try:
         node.start()
-        print(f"\n[e2e] node {node.node_name} Ready in {time.monotonic() - started:.1f} s")
+        FIGURES.append(f"node {node.node_name} Ready after the control plane: "
+                       f"{time.monotonic() - started:.1f} s")
         yield node
     finally:
         node.stop()

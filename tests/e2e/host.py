@@ -13,7 +13,10 @@ Owns every host-wide side effect of a run and its reversal:
   and chain names from before the first concurrent run; the last run out
   restores the sysctls and deletes the chains that were not there before;
 * mounts, loop devices, processes and network links of the run, all found by
-  the run's directory or names;
+  the run's directory or names, and processes left in the node's mount namespace;
+* /var/lib/kubelet/device-plugins, the kubelet's fixed device-plugin directory:
+  an empty mount point on the host (each run binds its own directory onto it in
+  its node's mount namespace), removed by the last run out if it was absent;
 * ``leaks``: the list of everything above still present after teardown, which
   the session fixture turns into a failure.
 """
@@ -41,6 +44,8 @@ SYSCTLS = (
     "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes",
 )
 IPTABLES = ("iptables", "ip6tables")
+# Where the kubelet's device manager always puts its socket (not under --root-dir).
+KUBELET_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 TABLES = ("filter", "nat", "mangle")
 CHAIN_PREFIX = "KUBE-"
 
@@ -176,14 +181,25 @@ def _alive(pid: int) -> bool:
 
 
 def enter_shared(run: str) -> None:
-    """Record this run; the first of concurrent runs saves sysctls and chains."""
+    """Record this run; the first of concurrent runs saves sysctls, chains and which of
+    the kubelet's fixed directories are absent."""
     with _locked_record() as record:
         users = record["users"]
         assert isinstance(users, list)
         if not users:
             record["sysctls"] = _read_sysctls()
             record["chains"] = _chains()
+            record["absent_dirs"] = [
+                d for d in (str(Path(KUBELET_DEVICE_PLUGIN_DIR).parent),
+                            KUBELET_DEVICE_PLUGIN_DIR)
+                if not Path(d).exists()
+            ]
         users.append({"run": run, "pid": os.getpid()})
+
+
+def ensure_device_plugin_mount_point() -> None:
+    """The (empty) host directory each node namespace binds its own directory onto."""
+    Path(KUBELET_DEVICE_PLUGIN_DIR).mkdir(parents=True, exist_ok=True)
 
 
 def leave_shared(run: str) -> list[str]:
@@ -201,6 +217,11 @@ def leave_shared(run: str) -> list[str]:
             with contextlib.suppress(OSError):
                 (Path("/proc/sys") / key).write_text(value)
         _delete_new_chains(chains)
+        absent = record.get("absent_dirs", [])
+        assert isinstance(absent, list)
+        for directory in sorted(absent, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                Path(directory).rmdir()
         left = [f"sysctl {k.replace('/', '.')}={v} (was {saved[k]})"
                 for k, v in _read_sysctls().items() if saved.get(k) != v]
         now = _chains()
@@ -209,6 +230,7 @@ def leave_shared(run: str) -> list[str]:
                 before = set(chains.get(tool, {}).get(table, []))
                 left += [f"{tool} -t {table} chain {c}"
                          for c in now[tool][table] if c not in before]
+        left += [f"directory {d}" for d in absent if Path(d).exists()]
         return left
 
 
@@ -287,6 +309,17 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def processes_in_namespace(mount_ns: str) -> list[int]:
+    """PIDs in the mount namespace ``mount_ns`` (``mnt:[inode]``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns" / "mnt") == mount_ns:
+                    pids.append(int(entry.name))
+    return pids
+
+
 def kill_processes_mentioning(text: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while (pids := processes_mentioning(text)) and time.monotonic() < deadline:
@@ -307,11 +340,14 @@ class Footprint:
     node_address: str | None = None
     cgroup_root: str | None = None
     links: list[str] = field(default_factory=list)
+    mount_namespace: str | None = None
     shared_left: list[str] = field(default_factory=list)
 
     def leaks(self) -> list[str]:
-        found = [f"process {pid}: {_cmdline(pid)}"
-                 for pid in processes_mentioning(str(self.directory))]
+        pids = set(processes_mentioning(str(self.directory)))
+        if self.mount_namespace:
+            pids |= set(processes_in_namespace(self.mount_namespace))
+        found = [f"process {pid}: {_cmdline(pid)}" for pid in sorted(pids)]
         found += [f"mount {m}" for m in mounts_under(self.directory)]
         found += [f"loop device {d}" for d in loops_backed_under(self.directory)]
         found += [f"network link {name}" for name in self.links if link_exists(name)]

@@ -82,10 +82,10 @@ def phase(client: Client, name: str, namespace: str = "default") -> str:
 
 
 def wait_running(client: Client, name: str, namespace: str = "default",
-                 timeout: float = WAIT) -> Pod:
+                 timeout: float = WAIT, interval: float = 0.2) -> Pod:
     return wait_for(lambda: client.get(Pod, name, namespace=namespace),
                     lambda p: p.status is not None and p.status.phase == "Running",
-                    f"pod {name} Running", timeout)
+                    f"pod {name} Running", timeout, interval)
 
 
 def wait_log(client: Client, name: str, marker: str, namespace: str = "default",

@@ -81,13 +81,19 @@ class Daemon:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            started = time.monotonic()
+            how = f"signal {sig}"
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
+                how = f"SIGKILL after {grace:g} s"
                 self.proc.kill()
                 self.proc.wait(10)
+            with open(self.log, "ab") as out:
+                out.write(f"==== stopped ({how}) in {time.monotonic() - started:.2f} s, "
+                          f"status {self.proc.returncode}\n".encode())
         # children left in the process group (none expected) go too
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
