@@ -230,7 +230,6 @@ class Supervised:
     """A container's process, restarted when it exits (as the kubelet does)."""
 
     daemon: Daemon
-    restarts: int = 0
     stopping: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -251,7 +250,6 @@ class Supervised:
                 continue
             if self.stopping.wait(backoff):
                 return
-            self.restarts += 1
             backoff = min(backoff * 2, 5.0)
             self.daemon.start()
 

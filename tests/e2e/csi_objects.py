@@ -156,11 +156,10 @@ def delete_and_wait(client: Client, kind: Any, name: str, namespace: str | None,
     wait_for(gone, bool, f"{kind.__name__} {name} deleted", timeout)
 
 
-def last_value(client: Client, name: str, namespace: str, key: str) -> str | None:
-    """The last ``key:value`` line the pod printed."""
-    values = [line.rstrip("\n")[len(key) + 1:] for line in client.log(name, namespace=namespace)
-              if line.startswith(key + ":")]
-    return values[-1] if values else None
+def log_values(client: Client, name: str, namespace: str, key: str) -> list[str]:
+    """The values of the ``key:value`` lines the pod printed, in order."""
+    return [line.rstrip("\n")[len(key) + 1:] for line in client.log(name, namespace=namespace)
+            if line.startswith(key + ":")]
 
 
 def bound_pv(client: Client, pvc: str, namespace: str) -> PersistentVolume:
