@@ -1,9 +1,8 @@
 """Kubernetes objects of the CSI scenarios, created and awaited with lightkube.
 
-Owns what the CSI tests say to the API server: applying the rendered manifests
-(everything but the DaemonSets, which run as host processes) and the shared
-snapshot CRDs, the ServiceAccount token the sidecars use, and small builders
-and bounded waits for PVCs, pods, snapshots, events and CSIStorageCapacity.
+Owns what the CSI tests say to the API server: applying the shared snapshot
+CRDs, the ServiceAccount token the sidecars use, and small builders and bounded
+waits for PVCs, pods, snapshots, events and CSIStorageCapacity.
 Pods are the tier's busybox pods (``tests.e2e.kube``) with a claim mounted.
 """
 
@@ -59,18 +58,6 @@ def apply_crds(client: Client, crd_dir: Path) -> None:
     assert names, f"no snapshot CRDs in {crd_dir}"
     for name in names:
         client.wait(CustomResourceDefinition, name, for_conditions=["Established"])
-
-
-def apply_manifests(client: Client, docs: list[dict[str, Any]]) -> list[str]:
-    """Every rendered object but the DaemonSets (server-side apply); their kinds/names."""
-    applied = []
-    for doc in docs:
-        if doc["kind"] == "DaemonSet":
-            continue
-        obj = codecs.from_dict(doc)
-        client.apply(obj, force=True)
-        applied.append(f"{doc['kind']}/{doc['metadata']['name']}")
-    return applied
 
 
 def sidecar_kubeconfig(client: Client, path: Path, server: str, ca: Path, *,

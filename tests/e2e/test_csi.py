@@ -31,19 +31,16 @@ from tests.e2e.cluster import Node
 from tests.e2e.csi_node import (
     STANDIN_POD,
     CsiNode,
-    HostLayout,
     backing_file,
     holders,
     loop_devices_under,
     mounts_under,
-    rendered_docs,
 )
 from tests.e2e.csi_objects import (
     DRIVER_NAME,
     VolumeSnapshot,
     VolumeSnapshotContent,
     apply_crds,
-    apply_manifests,
     bound_pv,
     capacity_of,
     delete_and_wait,
@@ -54,10 +51,11 @@ from tests.e2e.csi_objects import (
     standin_pod,
     volume_pod,
 )
+from tests.e2e.daemonsets import apply_objects, render
 from tests.e2e.kube import phase, wait_for, wait_running
 
 SYSTEM_NS = "hostkit-system"
-# The driver's --metrics-address (:9501), bound to loopback in the tier.
+# The driver's metrics containerPort (--metrics-address=:9501), a loopback port here.
 METRICS_PORT = 9501
 NS = "csi-e2e"
 MI = 1 << 20
@@ -109,7 +107,7 @@ class Csi:
 
     def rpc_count(self, method: str, code: str) -> int:
         """``hostkit_rpc_total`` of the driver's /metrics (its --metrics-address)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics",
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.node.port(METRICS_PORT)}/metrics",
                                     timeout=5) as resp:
             text = resp.read().decode()
         total = 0.0
@@ -188,9 +186,11 @@ class Csi:
 def csi(cluster: Node, e2e_binaries: binaries.Binaries) -> Iterator[Csi]:
     client = cluster.cp.client()
     run_dir = cluster.run.directory
-    docs = rendered_docs(e2e_binaries["kubectl"])
+    docs = render(e2e_binaries["kubectl"])
     apply_crds(client, binaries.bin_dir().parent / "crds")
-    apply_manifests(client, docs)
+    # Everything the overlay renders but the DaemonSets, which run as host processes.
+    apply_objects(client, docs, list(dict.fromkeys(
+        d["kind"] for d in docs if d["kind"] != "DaemonSet")))
     client.apply(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace",
                                    "metadata": {"name": NS}}), force=True)
     daemonset = next(d for d in docs if d["kind"] == "DaemonSet"
@@ -201,16 +201,15 @@ def csi(cluster: Node, e2e_binaries: binaries.Binaries) -> Iterator[Csi]:
     standin = client.get(Pod, STANDIN_POD, namespace=SYSTEM_NS)
     csi_dir = run_dir / "csi"
     csi_dir.mkdir()
-    layout = HostLayout(
-        kubelet_root=cluster.kubelet_root, state_dir=csi_dir / "state",
-        config_dir=csi_dir / "config",
-        kubeconfig=sidecar_kubeconfig(
+    node = CsiNode(
+        docs, directory=csi_dir, kubelet_root=cluster.kubelet_root,
+        node_name=cluster.node_name, log_dir=cluster.run.logs,
+        sidecar_binary=e2e_binaries.sidecar,
+        sidecar_kubeconfig=sidecar_kubeconfig(
             client, csi_dir / "sidecars.kubeconfig", cluster.cp.server, cluster.cp.ca.cert,
             service_account=template["spec"]["serviceAccountName"], namespace=SYSTEM_NS,
             pod=standin),
-        node_name=cluster.node_name, namespace=SYSTEM_NS, pod_name=STANDIN_POD)
-    node = CsiNode(docs, layout, cluster.run.logs, e2e_binaries.sidecar,
-                   cluster.cp.admin_kubeconfig, cluster.in_node())
+        admin_kubeconfig=cluster.cp.admin_kubeconfig, in_node=cluster.in_node())
     state = Csi(client=client, node=node, cluster=cluster)
     try:
         node.start()
@@ -233,12 +232,12 @@ def csi(cluster: Node, e2e_binaries: binaries.Binaries) -> Iterator[Csi]:
             state.clean()
         finally:
             node.stop()
-        leaks = loop_devices_under(layout.state_dir)
-        leaks += mounts_under(state.mountinfo, layout.state_dir)
+        leaks = loop_devices_under(node.state_dir)
+        leaks += mounts_under(state.mountinfo, node.state_dir)
         leaks += [m for m in mounts_under(state.mountinfo, cluster.kubelet_root)
                   if "kubernetes.io~csi" in m or "/kubernetes.io/csi/" in m]
         assert not leaks, f"CSI volumes left behind: {leaks}"
-        images_left = sorted(p.name for p in layout.state_dir.rglob("*.img"))
+        images_left = sorted(p.name for p in node.state_dir.rglob("*.img"))
         assert not images_left, f"volume or snapshot images left in the pool: {images_left}"
 
 
@@ -434,9 +433,9 @@ def test_snapshot_and_restore(csi: Csi) -> None:
     assert not csi.image_of(handle), "deleting the VolumeSnapshot deleted the snapshot"
 
 
-def _healthz(port: int) -> bool:
+def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as resp:
+        with urllib.request.urlopen(url, timeout=3) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -466,8 +465,11 @@ def test_kubelet_and_driver_restarts_keep_volumes(csi: Csi) -> None:
         _read_again(csi, name, tokens[name])
 
     csi.node.restart_driver()
-    wait_for(lambda: _healthz(9808), bool, "the livenessprobe sidecar's /healthz", 30)
-    wait_for(lambda: _healthz(9809), bool, "the registrar's /healthz", 30)
+    # The probes the DaemonSet declares: the driver's (served by livenessprobe, which
+    # calls the driver's Probe) and the registrar's.
+    for cont in ("csi-driver", "node-driver-registrar"):
+        url = csi.node.url(cont, "livenessProbe")
+        wait_for(partial(_healthy, url), bool, f"{cont} livenessProbe {url}", 30)
     for name in pods:
         assert phase(csi.client, name, NS) == "Running"
         _read_again(csi, name, tokens[name])
