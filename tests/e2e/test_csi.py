@@ -226,6 +226,12 @@ def csi(cluster: Node, e2e_binaries: binaries.Binaries) -> Iterator[Csi]:
                      for storage_class in CLASSES.values()]
         assert len(set(published)) == 1, f"one pool, one capacity: {published}"
         state.empty_capacity = int(published[0] or 0)
+        # Every sidecar accepted the manifests' flags and started once: a flag the
+        # release does not know would show here as an exit, not as a later timeout.
+        for name, sidecar in node.sidecars.items():
+            starts = sidecar.daemon.log.read_text(errors="replace").count("==== start")
+            assert sidecar.daemon.running() and starts == 1, \
+                f"{name} exited ({starts} starts):\n{sidecar.daemon.tail()}"
         yield state
     finally:
         try:
