@@ -80,6 +80,7 @@ class Run:
         self.logs = self.directory / "logs"
         self.logs.mkdir()
         self.footprint = host.Footprint(run=self.name, directory=self.directory)
+        self.footprint.save()
         self.saved_logs: Path | None = None
 
     def close(self) -> list[str]:
@@ -222,9 +223,10 @@ class Node:
         self._entered_shared = True
         self.node_ip = host.add_node_address()
         fp.node_address = self.node_ip
-        host.create_cgroup_root(self.run.name)
         fp.cgroup_root = self.run.name
         fp.links.append(self.bridge)
+        fp.save()
+        host.create_cgroup_root(self.run.name)
         for path in (self.kubelet_root, self.cdi_dir, self.containerd_dir, self.runc_root,
                      self.device_plugin_dir):
             path.mkdir(parents=True, exist_ok=True)
@@ -255,6 +257,7 @@ class Node:
                           "a mount namespace of its own", START_TIMEOUT)
         self.mount_ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
         self.run.footprint.mount_namespace = self.mount_ns
+        self.run.footprint.save()
         commands.run([*self.in_node(), "mount", "--bind", str(self.device_plugin_dir),
                       host.KUBELET_DEVICE_PLUGIN_DIR], timeout=30)
 

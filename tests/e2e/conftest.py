@@ -5,6 +5,8 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
 ``e2e_binaries`` -> ``Binaries``
     every executable, the shared ones decompressed once into a cache.
 ``e2e_run`` -> ``Run``
+    first undoes runs whose pytest was killed before teardown (their
+    ``footprint.json`` names the owner and what they changed), then creates
     the run's directory ``/tmp/hke-<id>``; at the end of the session it is
     removed and the host is checked: any process, mount, loop device, network
     link, address, cgroup, sysctl or iptables chain of the run left behind
@@ -51,11 +53,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import binaries
+from tests.e2e import binaries, host
 from tests.e2e.cluster import ControlPlane, Node, Run
 
 E2E_DIR = Path(__file__).parent
 FIGURES: list[str] = []
+NOTES: list[str] = []
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +71,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("end-to-end figures (measured, not asserted)")
         for line in FIGURES:
             terminalreporter.write_line(line)
+    for line in NOTES:
+        terminalreporter.write_line(f"end-to-end note: {line}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -98,9 +103,13 @@ def e2e_binaries() -> binaries.Binaries:
 
 @pytest.fixture(scope="session")
 def e2e_run(e2e_binaries: binaries.Binaries) -> Iterator[Run]:
+    NOTES.extend(f"removed what the killed run {name} left behind"
+                 for name in host.reap_stale())
     run = Run()
     yield run
     leaks = run.close()
+    if leaks and run.saved_logs is not None:
+        (run.saved_logs / "leaks.txt").write_text("\n".join(leaks) + "\n")
     if leaks:
         pytest.fail("the end-to-end tier left this behind:\n  " + "\n  ".join(leaks),
                     pytrace=False)

@@ -83,8 +83,15 @@ def phase(client: Client, name: str, namespace: str = "default") -> str:
 
 def wait_running(client: Client, name: str, namespace: str = "default",
                  timeout: float = WAIT, interval: float = 0.2) -> Pod:
-    return wait_for(lambda: client.get(Pod, name, namespace=namespace),
-                    lambda p: p.status is not None and p.status.phase == "Running",
+    """The pod once Running; fails at once when it ended instead (admission errors)."""
+    def running(pod: Pod) -> bool:
+        phase = pod.status.phase if pod.status is not None else None
+        if phase in ("Failed", "Succeeded"):
+            raise AssertionError(f"pod {name} ended ({phase}) instead of running: "
+                                 f"{_brief(pod)}")
+        return phase == "Running"
+
+    return wait_for(lambda: client.get(Pod, name, namespace=namespace), running,
                     f"pod {name} Running", timeout, interval)
 
 

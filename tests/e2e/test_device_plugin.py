@@ -219,6 +219,9 @@ def test_embedded_default_configuration_registers(plugins: Plugins, cluster: Clu
         wait_allocatable(client, cluster.node_name, default_resources())
     finally:
         embedded.stop()
+        # The kubelet must have seen this plugin go before the next one registers,
+        # or its late disconnect could race the next scenario's admission.
+        wait_allocatable(client, cluster.node_name, {FUSE: "0"})
         plugins.start(plugins.default, plugins.default_pod)
     wait_allocatable(client, cluster.node_name, default_resources())
 
@@ -294,15 +297,18 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
     kube.wait_running(client, "keeps-device")
     before = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
 
+    old_version = client.get(Node, cluster.node_name).metadata.resourceVersion
     wall = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     started = cluster.restart_kubelet()
 
     def fresh_and_back(node: Node) -> bool:
+        """A status posted by the new kubelet (a stale one would read the same)."""
         ready = next(c for c in node.status.conditions if c.type == "Ready")
         alloc = node.status.allocatable or {}
         heartbeat = ready.lastHeartbeatTime
-        return heartbeat is not None and heartbeat >= wall and all(
-            alloc.get(k) == v for k, v in want.items())
+        return (node.metadata.resourceVersion != old_version
+                and heartbeat is not None and heartbeat >= wall
+                and all(alloc.get(k) == v for k, v in want.items()))
 
     kube.wait_for(lambda: client.get(Node, cluster.node_name), fresh_and_back,
                   "allocatable restored after the kubelet restart", WAIT, interval=0.05)
