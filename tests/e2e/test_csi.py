@@ -11,6 +11,7 @@ are printed, never asserted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -47,6 +48,7 @@ from tests.e2e.csi_objects import (
     events_about,
     log_values,
     pvc_object,
+    quantity_bytes,
     sidecar_kubeconfig,
     standin_pod,
     volume_pod,
@@ -130,14 +132,17 @@ class Csi:
         pod.spec.terminationGracePeriodSeconds = GRACE
         return self.client.create(pod)
 
-    def volume_mounts(self, pv: str) -> list[str]:
-        """Mounts of ``pv``: its staging mount (by handle) and its pod targets."""
+    def volume_mounts(self, pv: PersistentVolume) -> list[str]:
+        """Mounts of ``pv`` in the node: staging and pod targets, filesystem or block.
+
+        The kubelet stages a filesystem volume at ``<sha256 of the handle>/globalmount``
+        and names everything else (targets, block staging and publish files) by the PV.
+        """
+        name = str(pv.metadata.name)
+        digest = hashlib.sha256(str(pv.spec.csi.volumeHandle).encode()).hexdigest()
         root = self.cluster.kubelet_root
-        found = [m for m in mounts_under(self.mountinfo, root / "pods")
-                 if f"/{pv}/" in m or m.endswith(pv)]
-        found += [m for m in mounts_under(self.mountinfo, root / "plugins" / "kubernetes.io" /
-                                          "csi") if pv in m]
-        return found
+        return [m for m in mounts_under(self.mountinfo, root / "pods", root / "plugins")
+                if f"/{name}/" in m or m.endswith(f"/{name}") or f"/{digest}/" in m]
 
     def image_of(self, volume_id: str) -> list[Path]:
         return list(self.node.pool_dir.rglob(f"{volume_id}.img"))
@@ -153,7 +158,7 @@ class Csi:
             images = self.image_of(handle)
             loops = [d for d in loop_devices_under(self.node.pool_dir)
                      if any(backing_file(d) == str(i) for i in images)]
-            return self.volume_mounts(name) + loops
+            return self.volume_mounts(pv) + loops
         try:
             wait_for(left, lambda found: not found, f"{name} unpublished and unstaged", 60)
         except AssertionError as exc:
@@ -295,7 +300,7 @@ def test_dynamic_provisioning(csi: Csi, kind: str, figure: Callable[[str], None]
     assert csi.image_of(volume_id), "the volume's image is in the tier's pool"
     wait_for(lambda: csi.capacity(storage_class) == before - SIZES[kind], bool,
              f"{storage_class} capacity down by {SIZES[kind]} (was {before})", 30)
-    assert csi.volume_mounts(str(pv.metadata.name))
+    assert csi.volume_mounts(pv), "the volume is staged and published"
 
     csi.remove_pod(name)
     csi.wait_unstaged(pv)
@@ -341,8 +346,7 @@ def _resize(csi: Csi, name: str, size: int) -> None:
 def _claim_capacity(csi: Csi, name: str) -> int:
     claim = csi.client.get(PersistentVolumeClaim, name, namespace=NS)
     assert claim.status is not None and claim.status.capacity is not None
-    from tests.e2e.csi_objects import _bytes
-    return _bytes(str(claim.status.capacity["storage"]))
+    return quantity_bytes(str(claim.status.capacity["storage"]))
 
 
 def test_online_expansion_xfs(csi: Csi) -> None:
