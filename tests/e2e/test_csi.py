@@ -2,11 +2,13 @@
 
 The driver and its sidecars run as host processes with the rendered
 DaemonSet's arguments (``tests.e2e.csi_node``); the cluster objects are the
-rendered manifests and the shared snapshot CRDs.  Every scenario cleans up its
+rendered manifests and the shared snapshot CRDs, and the CSI examples of
+``daemonsets/examples`` run as written but for image and host network.  Every
+scenario cleans up its
 pods and claims and checks that the kubelet and the driver left no mount and
 no loop device of its volumes; the module's teardown checks the same for the
 whole pool.  Figures (PVC with WaitForFirstConsumer, pod creation to Running)
-are printed, never asserted.
+go to the tier's figure summary, never asserted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lightkube import Client, codecs
@@ -27,6 +30,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Node as NodeResource
 from lightkube.resources.core_v1 import PersistentVolume, PersistentVolumeClaim, Pod
 
+from tests.deploy.manifests import DAEMONSETS, load_all
 from tests.e2e import binaries
 from tests.e2e.cluster import Node
 from tests.e2e.csi_node import (
@@ -54,6 +58,7 @@ from tests.e2e.csi_objects import (
     volume_pod,
 )
 from tests.e2e.daemonsets import apply_objects, render
+from tests.e2e.images import BUSYBOX
 from tests.e2e.kube import phase, wait_for, wait_running
 
 SYSTEM_NS = "hostkit-system"
@@ -495,3 +500,56 @@ def test_kubelet_and_driver_restarts_keep_volumes(csi: Csi) -> None:
     csi.clean()
     assert not loop_devices_under(csi.node.pool_dir)
     assert not list(csi.node.pool_dir.rglob("*.img"))
+
+
+def _example(name: str) -> list[Any]:
+    """The objects of ``daemonsets/examples/<name>`` in the test namespace.
+
+    Only what this machine needs changes in the pods: the tier's busybox image
+    (pull policy Never), the host network, and a 1 s grace period (``sleep`` as
+    PID 1 ignores SIGTERM).
+    """
+    objects = []
+    for doc in load_all((DAEMONSETS / "examples" / name).read_text()):
+        doc["metadata"]["namespace"] = NS
+        if doc["kind"] == "Pod":
+            doc["spec"]["hostNetwork"] = True
+            doc["spec"]["terminationGracePeriodSeconds"] = 1
+            for cont in doc["spec"]["containers"]:
+                cont["image"], cont["imagePullPolicy"] = BUSYBOX, "Never"
+        objects.append(codecs.from_dict(doc))
+    return objects
+
+
+def _log(csi: Csi, pod: str) -> str:
+    return "".join(csi.client.log(pod, namespace=NS)).strip()
+
+
+def test_examples(csi: Csi) -> None:
+    """The CSI examples as an operator applies them: fsGroup, snapshot, block, ephemeral."""
+    for obj in _example("pvc-pod.yaml"):
+        csi.client.create(obj)
+    wait_running(csi.client, "data-writer", NS, timeout=90)
+    # As uid 1000 with fsGroup 1000: the driver made the volume root group-writable.
+    written = wait_for(partial(_log, csi, "data-writer"), bool, "data-writer's output", 30)
+    assert "Permission denied" not in written, written
+
+    for obj in _example("snapshot-restore.yaml"):
+        csi.client.create(obj)
+    wait_running(csi.client, "data-reader", NS, timeout=120)
+    read = wait_for(partial(_log, csi, "data-reader"), bool, "data-reader's output", 30)
+    assert read == written, "the restored volume holds what the writer wrote"
+
+    for obj in _example("block-pod.yaml"):
+        csi.client.create(obj)
+    wait_running(csi.client, "raw-user", NS, timeout=90)
+    size = wait_for(partial(_log, csi, "raw-user"), bool, "raw-user's output", 30)
+    assert size == str(1 << 30), f"the raw device is the claim's 1Gi: {size}"
+
+    for obj in _example("ephemeral-pod.yaml"):
+        csi.client.create(obj)
+    wait_running(csi.client, "scratch-user", NS, timeout=90)
+    df = wait_for(partial(_log, csi, "scratch-user"), bool, "scratch-user's output", 30)
+    assert df.splitlines()[-1].endswith("/scratch"), df
+    claim = csi.client.get(PersistentVolumeClaim, "scratch-user-scratch", namespace=NS)
+    assert claim.status.phase == "Bound", "the generic ephemeral volume's claim is bound"
