@@ -83,16 +83,19 @@ class Run:
         self.footprint.save()
         self.saved_logs: Path | None = None
 
-    def close(self) -> list[str]:
-        """Remove the directory (never across a mount) and return what leaked."""
+    def close(self, keep_logs: bool) -> list[str]:
+        """Remove the directory (never across a mount) and return what leaked; the
+        component logs are kept first with ``keep_logs`` (a test failed) or a leak."""
         host.unmount_under(self.directory)
-        if self.directory.exists() and not host.mounts_under(self.directory):
+        own_dir = f"directory {self.directory}"
+        if keep_logs or [leak for leak in self.footprint.leaks() if leak != own_dir]:
             self._keep_logs()
+        if self.directory.exists() and not host.mounts_under(self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
         return self.footprint.leaks()
 
     def _keep_logs(self) -> None:
-        """Component logs survive the run in /tmp/hke-logs-<id> for failure reports."""
+        """Component logs survive a failed run in /tmp/hke-logs-<id>."""
         target = Path(f"/tmp/hke-logs-{self.id}")
         with contextlib.suppress(OSError):
             shutil.copytree(self.logs, target)
@@ -462,6 +465,7 @@ imports = []
             lambda: self._stop("containerd"),
             self._remove_containers,
             lambda: host.remove_cgroup_root(self.run.name),
+            self._unmount_in_node,
             self._empty_mount_namespace,
             lambda: host.unmount_under(self.run.directory),
             lambda: host.delete_link(self.bridge),
@@ -475,6 +479,18 @@ imports = []
                 step()
             except Exception:
                 log.exception("e2e teardown step failed; continuing")
+
+    def mounts(self, under: Path) -> list[str]:
+        """Mount points at or below ``under`` as the node (kubelet, containerd) sees them;
+        the test process's own namespace does not see the node's mounts."""
+        return host.mounts_under(under, self.daemons["mount-namespace"].pid)
+
+    def _unmount_in_node(self) -> None:
+        """What containerd or a driver left mounted in the node's namespace (the
+        namespace would drop it anyway; this also releases loop devices at once)."""
+        holder = self.daemons.get("mount-namespace")
+        if holder is not None and holder.running():
+            host.unmount_under(self.run.directory, holder.pid, self.in_node())
 
     def _empty_mount_namespace(self) -> None:
         """Stop the holder and whatever a test left in the namespace; it then vanishes."""

@@ -27,7 +27,9 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
     reachable from the test process by their run paths.  Useful attributes:
     ``node_name``, ``node_ip``, ``kubelet_root``, ``device_plugin_dir``,
     ``pod_resources_socket``, ``cdi_dir``, ``binaries``, ``cp`` (the control
-    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``.
+    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``,
+    ``mounts(under)`` (mount points as the node sees them: the test process's
+    own /proc/self/mountinfo does not show the node's mounts).
 
 Our DaemonSets as host processes: ``tests/e2e/daemonsets.py`` (``render``,
 ``HostPod``: argv/env/paths/ports of a container from the rendered manifests,
@@ -37,7 +39,8 @@ All are session-scoped: a module that asks only for ``control_plane`` never
 starts a kubelet.  The tier needs root and the binaries: without them it FAILS
 with a message saying how to get them, unless ``SKIP_E2E_TESTS=1`` is set
 explicitly (as ``SKIP_KERNEL_TESTS`` for the kernel tier), so CI can never pass
-by skipping it.  Component logs of a run are kept in ``/tmp/hke-logs-<id>``.
+by skipping it.  When a test failed or something leaked, the component logs of
+the run are kept in ``/tmp/hke-logs-<id>`` (named in the terminal summary).
 
 ``figure`` -> ``Callable[[str], None]``
     records a measured figure; all are printed in the terminal summary (also
@@ -59,6 +62,12 @@ from tests.e2e.cluster import ControlPlane, Node, Run
 E2E_DIR = Path(__file__).parent
 FIGURES: list[str] = []
 NOTES: list[str] = []
+FAILURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        FAILURES.append(report.nodeid)
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +116,11 @@ def e2e_run(e2e_binaries: binaries.Binaries) -> Iterator[Run]:
                  for name in host.reap_stale())
     run = Run()
     yield run
-    leaks = run.close()
+    leaks = run.close(keep_logs=bool(FAILURES))
     if leaks and run.saved_logs is not None:
         (run.saved_logs / "leaks.txt").write_text("\n".join(leaks) + "\n")
+    if run.saved_logs is not None:
+        NOTES.append(f"component logs kept in {run.saved_logs}")
     if leaks:
         pytest.fail("the end-to-end tier left this behind:\n  " + "\n  ".join(leaks),
                     pytrace=False)

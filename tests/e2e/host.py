@@ -32,7 +32,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,26 +268,29 @@ def _delete_new_chains(before: dict[str, dict[str, list[str]]]) -> None:
 
 # ------------------------------------------------------- mounts, loops, links
 
-def mounts_under(directory: Path) -> list[str]:
+def mounts_under(directory: Path, pid: int | str = "self") -> list[str]:
+    """Mount points at or below ``directory`` in the mount namespace of ``pid``."""
     prefix = str(directory).rstrip("/") + "/"
     found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         point = line.split()[4].replace("\\040", " ")
         if point == str(directory) or point.startswith(prefix):
             found.append(point)
     return found
 
 
-def unmount_under(directory: Path) -> None:
-    """Unmount everything at or below ``directory``, deepest first (lazily if busy)."""
+def unmount_under(directory: Path, pid: int | str = "self",
+                  prefix: Sequence[str] = ()) -> None:
+    """Unmount everything at or below ``directory``, deepest first (lazily if busy), in
+    the mount namespace of ``pid`` (``prefix`` enters it, e.g. ``Node.in_node()``)."""
     for _ in range(5):
-        points = mounts_under(directory)
+        points = mounts_under(directory, pid)
         if not points:
             return
         for point in sorted(set(points), key=lambda p: p.count("/"), reverse=True):
-            result = commands.run(["umount", point], timeout=30, check=False)
-            if result.returncode != 0 and point in mounts_under(directory):
-                commands.run(["umount", "--lazy", point], timeout=30, check=False)
+            result = commands.run([*prefix, "umount", point], timeout=30, check=False)
+            if result.returncode != 0 and point in mounts_under(directory, pid):
+                commands.run([*prefix, "umount", "--lazy", point], timeout=30, check=False)
 
 
 def loops_backed_under(directory: Path) -> list[str]:

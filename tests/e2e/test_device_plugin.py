@@ -135,6 +135,27 @@ class Plugins:
             daemon.stop()
 
 
+def registrations(pod: HostPod) -> dict[str, float]:
+    """``hostkit_device_plugin_registrations_total{result="ok"}`` by resource, scraped
+    from the metrics port the DaemonSet declares (mapped like every port)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics_port = pod.ports[next(p["containerPort"] for p in pod.container(CONTAINER)["ports"]
+                                  if p["name"] == "metrics")]
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "hostkit_device_plugin_registrations":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["result"] == "ok":
+                    out[sample.labels["resource"]] = sample.value
+    return out
+
+
 def _http_ok(url: str) -> bool:
     import urllib.request
 
@@ -296,6 +317,7 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
         limits={FUSE: "1"}))
     kube.wait_running(client, "keeps-device")
     before = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
+    counted = {**registrations(plugins.default_pod), **registrations(plugins.loop_pod)}
 
     old_version = client.get(Node, cluster.node_name).metadata.resourceVersion
     wall = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -317,6 +339,8 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
     after = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
     new = after - before - {"kubelet.sock"}
     assert len(new) == len(want), f"re-registered sockets {new}, before {before}"
+    recounted = {**registrations(plugins.default_pod), **registrations(plugins.loop_pod)}
+    assert all(recounted[r] >= counted[r] + 1 for r in want), (counted, recounted)
 
     pod = client.get(Pod, "keeps-device")
     assert pod.status.phase == "Running"
