@@ -6,8 +6,8 @@ rendered manifests and the shared snapshot CRDs, and the CSI examples of
 ``daemonsets/examples`` run as written but for image and host network.  Every
 scenario cleans up its pods and claims and checks that the kubelet and the
 driver left no mount and no loop device of its volumes; the module's teardown
-checks the same for the whole pool.  Figures (PVC with WaitForFirstConsumer, pod creation to Running)
-go to the tier's figure summary, never asserted.
+checks the same for the whole pool.  Figures (PVC with WaitForFirstConsumer,
+pod creation to Running) go to the tier's figure summary, never asserted.
 """
 
 from __future__ import annotations
