@@ -92,7 +92,10 @@ class Run:
             self._keep_logs()
         if self.directory.exists() and not host.mounts_under(self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
-        return self.footprint.leaks()
+        try:
+            return self.footprint.leaks()
+        finally:
+            self.footprint.release_namespace()
 
     def _keep_logs(self) -> None:
         """Component logs survive a failed run in /tmp/hke-logs-<id>."""
@@ -258,8 +261,8 @@ class Node:
         own = os.readlink("/proc/self/ns/mnt")
         holder.wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/mnt") != own,
                           "a mount namespace of its own", START_TIMEOUT)
-        self.mount_ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
-        self.run.footprint.mount_namespace = self.mount_ns
+        self.run.footprint.hold_namespace(holder.pid)
+        self.mount_ns = self.run.footprint.mount_namespace
         self.run.footprint.save()
         commands.run([*self.in_node(), "mount", "--bind", str(self.device_plugin_dir),
                       host.KUBELET_DEVICE_PLUGIN_DIR], timeout=30)

@@ -361,7 +361,20 @@ class Footprint:
     cgroup_root: str | None = None
     links: list[str] = field(default_factory=list)
     mount_namespace: str | None = None
+    # An open handle on the mount namespace: namespace inode numbers are reused once
+    # a namespace is gone, so "processes in mnt:[N]" only means ours while it is held.
+    namespace_fd: int | None = None
     shared_left: list[str] = field(default_factory=list)
+
+    def hold_namespace(self, pid: int) -> None:
+        self.namespace_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self.mount_namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+
+    def release_namespace(self) -> None:
+        """Let the namespace (and whatever is still mounted only there) go."""
+        if self.namespace_fd is not None:
+            os.close(self.namespace_fd)
+            self.namespace_fd = None
 
     def save(self) -> None:
         """Record the footprint (and its owner) before each change it describes, so that
@@ -373,9 +386,12 @@ class Footprint:
         }))
 
     def undo(self) -> None:
-        """Remove everything of the footprint that is still there (a killed run's)."""
-        for pid in set(processes_mentioning(str(self.directory))) | set(
-                processes_in_namespace(self.mount_namespace) if self.mount_namespace else []):
+        """Remove everything of the footprint that is still there (a killed run's).
+
+        Processes are found by the run's directory in their command line (node
+        daemons, shims) and by its cgroups (containers), never by the recorded
+        mount namespace: its number may belong to another run by now."""
+        for pid in processes_mentioning(str(self.directory)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.cgroup_root:
@@ -392,7 +408,7 @@ class Footprint:
 
     def leaks(self) -> list[str]:
         pids = set(processes_mentioning(str(self.directory)))
-        if self.mount_namespace:
+        if self.mount_namespace and self.namespace_fd is not None:
             pids |= set(processes_in_namespace(self.mount_namespace))
         found = [f"process {pid}: {_cmdline(pid)}" for pid in sorted(pids)]
         found += [f"mount {m}" for m in mounts_under(self.directory)]

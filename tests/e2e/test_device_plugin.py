@@ -353,18 +353,24 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
                   lambda t: t.count("tick") > ticks + 1 and "lost" not in t,
                   "the running pod still sees its device")
 
+    # The new kubelet rebuilt the allocation from its checkpoint.
+    assert len(held_devices(cluster, "keeps-device").get(FUSE, [])) == 1
+
     client.create(kube.busybox_pod("admitted-after", "echo ok; sleep 3600",
                                    limits={FUSE: "1", LOOP: "1"}))
     kube.wait_running(client, "admitted-after")
 
 
 def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
-        plugins: Plugins, cluster: ClusterNode, clean_pods: Client):
+        plugins: Plugins, cluster: ClusterNode, clean_pods: Client, figure):
     client = clean_pods
     node = cluster.node_name
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+    attached = time.monotonic()
     second = plugins.loops.attach()
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
+    figure(f"loop device attached -> in the Node's capacity: {time.monotonic() - attached:.1f} s "
+           "(the kubelet posts node status every 10 s)")
     commands.run(["blockdev", "--setro", second], timeout=30)
     try:
         wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "2"})
@@ -373,6 +379,21 @@ def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
     plugins.loops.detach(second)
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+
+
+def held_devices(cluster: ClusterNode, pod: str) -> dict[str, list[str]]:
+    """Device IDs by resource that the kubelet's pod-resources API lists for ``pod``."""
+    pb, stubs = api.pod_resources_api()
+    with grpc.insecure_channel(f"unix://{cluster.pod_resources_socket}") as channel:
+        listed = stubs.PodResourcesListerStub(channel).List(pb.ListPodResourcesRequest(),
+                                                            timeout=10)
+    held: dict[str, list[str]] = {}
+    for entry in listed.pod_resources:
+        if entry.name == pod:
+            for container in entry.containers:
+                for devices in container.devices:  # one entry per resource and NUMA node
+                    held.setdefault(devices.resource_name, []).extend(devices.device_ids)
+    return held
 
 
 def test_pod_resources_api_reports_who_holds_which_device(
@@ -384,18 +405,16 @@ def test_pod_resources_api_reports_who_holds_which_device(
     log = kube.wait_log(client, "holder", "ids=")
     loop_id = log.split("ids=", 1)[1].split()[0]
 
+    held = held_devices(cluster, "holder")
+    assert held[LOOP] == [loop_id]
+    assert len(held[FUSE]) == 2
+
     pb, stubs = api.pod_resources_api()
     with grpc.insecure_channel(f"unix://{cluster.pod_resources_socket}") as channel:
         stub = stubs.PodResourcesListerStub(channel)
         listed = stub.List(pb.ListPodResourcesRequest(), timeout=10)
         allocatable = stub.GetAllocatableResources(pb.AllocatableResourcesRequest(),
                                                    timeout=10)
-    (holder,) = [p for p in listed.pod_resources if p.name == "holder"]
-    held: dict[str, list[str]] = {}
-    for entry in holder.containers[0].devices:  # one entry per resource and NUMA node
-        held.setdefault(entry.resource_name, []).extend(entry.device_ids)
-    assert held[LOOP] == [loop_id]
-    assert len(held[FUSE]) == 2
     offered: dict[str, set[str]] = {}
     for entry in allocatable.devices:
         offered.setdefault(entry.resource_name, set()).update(entry.device_ids)
@@ -403,4 +422,3 @@ def test_pod_resources_api_reports_who_holds_which_device(
     others = [p for p in listed.pod_resources if p.name != "holder"
               for c in p.containers for d in c.devices if d.resource_name == LOOP]
     assert others == []
-
