@@ -70,6 +70,7 @@ def test_component_mounts_the_kubelet_dirs_under_the_root_and_validates(tmp_path
     assert mounts["device-plugins"] == volumes["device-plugins"] == fixed
     args = dict(a.split("=", 1) for a in cont["args"][1:])
     assert expand(cont, args["--kubelet-dir"]) == fixed
+    assert expand(cont, args["--kubelet-root"]) == root  # the plugin watcher's root
     assert expand(cont, args["--pod-resources-socket"]) == f"{root}/pod-resources/kubelet.sock"
     assert args["--node-name"] == "$(NODE_NAME)"
     assert "/var/lib/kubelet" not in yaml.safe_dump(dp).replace(fixed, "") or \
