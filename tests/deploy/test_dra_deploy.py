@@ -65,16 +65,16 @@ def test_component_mounts_the_kubelet_dirs_under_the_root_and_validates(tmp_path
     for name, suffix in (("kubelet-plugins", "plugins"), ("plugins-registry", "plugins_registry"),
                          ("pod-resources", "pod-resources")):
         assert mounts[name] == volumes[name] == f"{root}/{suffix}", name
-    # The kubelet's device-plugin directory is the same under every root (k8s #68567).
-    fixed = "/var/lib/kubelet/device-plugins"
-    assert mounts["device-plugins"] == volumes["device-plugins"] == fixed
+    # The kubelet keeps its device-plugin socket at this path whatever its root.
+    assert mounts["device-plugins"] == volumes["device-plugins"] == \
+        "/var/lib/kubelet/device-plugins"
     args = dict(a.split("=", 1) for a in cont["args"][1:])
-    assert expand(cont, args["--kubelet-dir"]) == fixed
-    assert expand(cont, args["--kubelet-root"]) == root  # the plugin watcher's root
+    assert args["--kubelet-dir"] == "/var/lib/kubelet/device-plugins"
+    assert expand(cont, args["--kubelet-root"]) == root
     assert expand(cont, args["--pod-resources-socket"]) == f"{root}/pod-resources/kubelet.sock"
     assert args["--node-name"] == "$(NODE_NAME)"
-    assert "/var/lib/kubelet" not in yaml.safe_dump(dp).replace(fixed, "") or \
-        root == "/var/lib/kubelet"
+    others = yaml.safe_dump(dp).replace("/var/lib/kubelet/device-plugins", "")
+    assert "/var/lib/kubelet" not in others or root == "/var/lib/kubelet"
 
 
 def test_every_flag_of_the_dra_daemonset_exists(tmp_path):
