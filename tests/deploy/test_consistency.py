@@ -46,11 +46,11 @@ DOMAIN = "hostkit.io"
 SOCKET_IN_POD = "/csi/csi.sock"
 STATE_DIR = "/var/lib/hostkit-csi"
 SIDECARS = {
-    "node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.13.0",
-    "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v5.2.0",
-    "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.2.1",
-    "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v1.13.2",
-    "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.15.0",
+    "node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0",
+    "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0",
+    "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0",
+    "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
+    "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.19.0",
 }
 API_SIDECARS = {"csi-provisioner", "csi-snapshotter", "csi-resizer"}
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -134,7 +134,7 @@ def test_csi_node_paths_and_propagation(rendered: dict[str, str], overlay: str) 
     probe = driver["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in driver["ports"]}
     assert probe["path"] == "/healthz" and ports[probe["port"]] == 9808
-    assert arg(container(csi, "liveness-probe"), "--health-port") == "9808"
+    assert arg(container(csi, "liveness-probe"), "--http-endpoint") == ":9808"
     config_dir = mount(driver, "config")["mountPath"]
     assert os.path.dirname(arg(driver, "--config")) == config_dir
     assert "subPath" not in mount(driver, "config")

@@ -31,7 +31,7 @@ from tests.deploy.manifests import (
     overlay_root,
 )
 
-OLDEST_SUPPORTED = "1.30"
+OLDEST_SUPPORTED = "1.34"
 VERSIONS = (OLDEST_SUPPORTED, kubernetes_validate.latest_version())
 
 CRD_KINDS = {"VolumeSnapshotClass", "VolumeSnapshot"}
