@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import pytest
 import yaml
 from lightkube import Client, codecs
 from lightkube.core.exceptions import ApiError
+from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.apps_v1 import DaemonSet
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Node as NodeResource
@@ -48,8 +50,8 @@ from tests.e2e.csi_objects import (
     DRIVER_NAME,
     VolumeSnapshot,
     VolumeSnapshotContent,
-    apply_crds,
     delete_and_wait,
+    events_about,
 )
 from tests.e2e.images import BUSYBOX
 from tests.e2e.kube import wait_for, wait_log, wait_running
@@ -129,6 +131,25 @@ def _loops_of(handles: set[str]) -> list[str]:
     return found
 
 
+def _apply_crds(client: Client, crd_dir: Path) -> None:
+    """The shared snapshot CRDs, applied and Established (polled: they may exist from
+    an earlier module, and a watch from the new resourceVersion can run ahead of the
+    API server's watch cache, which answers ResourceVersionTooLarge)."""
+    names = []
+    for path in sorted(crd_dir.glob("snapshot.storage.k8s.io_*.yaml")):
+        for obj in codecs.load_all_yaml(path.read_text()):
+            client.apply(obj, force=True)
+            names.append(str(obj.metadata.name))
+    assert names, f"no snapshot CRDs in {crd_dir}"
+
+    def established(crd: CustomResourceDefinition) -> bool:
+        conditions = crd.status.conditions if crd.status is not None else None
+        return any(c.type == "Established" and c.status == "True" for c in conditions or [])
+    for name in names:
+        wait_for(lambda name=name: client.get(CustomResourceDefinition, name),  # type: ignore[misc]
+                 established, f"CRD {name} Established", 30)
+
+
 @pytest.fixture(scope="module")
 def deployed(cluster: Node, e2e_binaries: binaries.Binaries,
              figure: Callable[[str], None]) -> Iterator[Deployed]:
@@ -174,7 +195,7 @@ def deployed(cluster: Node, e2e_binaries: binaries.Binaries,
         cluster.ctr("images", "tag", "--force", BUSYBOX, name)
     figure(f"DaemonSet images ready and imported: {time.monotonic() - started:.1f} s")
 
-    apply_crds(client, binaries.bin_dir().parent / "crds")
+    _apply_crds(client, binaries.bin_dir().parent / "crds")
     # The CSI scenarios' stand-in pod carries the DaemonSet's labels; the
     # DaemonSet controller would adopt it as this node's pod.
     for pod in client.list(Pod, namespace=SYSTEM_NS):
@@ -243,20 +264,45 @@ def _teardown(state: Deployed, controller: Supervised) -> None:
     assert not images, f"volume or snapshot images left in the pool: {images}"
 
 
+def _probe_urls(pod: Pod, node_ip: str) -> dict[str, str]:
+    """``container/probe`` -> the URL the kubelet probes (a named port resolved over
+    the pod's containers, the host address of a host-network pod)."""
+    assert pod.spec is not None
+    ports = {p.name: p.containerPort for c in pod.spec.containers for p in c.ports or []}
+    urls = {}
+    for cont in pod.spec.containers:
+        for kind in ("livenessProbe", "readinessProbe"):
+            probe = getattr(cont, kind)
+            if probe is not None and probe.httpGet is not None:
+                port = probe.httpGet.port
+                number = ports[port] if isinstance(port, str) else int(port)
+                urls[f"{cont.name}/{kind}"] = f"http://{node_ip}:{number}{probe.httpGet.path}"
+    return urls
+
+
+def _restarts(deployed: Deployed) -> dict[str, int]:
+    return {f"{ds}/{st.name}": st.restartCount
+            for ds in DAEMONSETS_NAMES for pod in deployed.pods_of(ds)
+            for st in (pod.status.containerStatuses if pod.status else None) or []}
+
+
 def test_daemonset_pods_pass_their_probes_and_register(deployed: Deployed) -> None:
-    """Every container Ready and never restarted (liveness and readiness probes reach
-    the ports the pods listen on); the device plugin's resources and the CSI driver
-    reach the kubelet from inside their containers (socket paths, hostPaths)."""
+    """Every container Ready; each liveness and readiness URL answers 200 where the
+    kubelet asks it (the ports the containers listen on, through the pod's named
+    ports); the device plugin's resources and the CSI driver reach the kubelet from
+    inside their containers (socket paths, hostPaths)."""
     client = deployed.client
-    # The CSI driver's liveness probe starts after 10 s; give it a few periods.
-    time.sleep(25)
     for ds in DAEMONSETS_NAMES:
         (pod,) = deployed.pods_of(ds)
         assert pod.status is not None and pod.status.containerStatuses
         for status in pod.status.containerStatuses:
-            assert status.ready and status.restartCount == 0, \
-                f"{ds}/{status.name}: ready={status.ready} restarts={status.restartCount} " \
-                f"last state {status.lastState}"
+            assert status.ready, f"{ds}/{status.name} not ready: {status.state}"
+        urls = _probe_urls(pod, str(deployed.cluster.node_ip))
+        assert urls, f"{ds} has HTTP probes"
+        for what, url in urls.items():
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.status == 200, f"{ds} {what}: {url} -> {response.status}"
+    assert set(_restarts(deployed).values()) == {0}, _restarts(deployed)
 
     def allocatable() -> dict[str, str]:
         node = client.get(NodeResource, deployed.cluster.node_name)
@@ -353,3 +399,14 @@ def test_snapshot_example(deployed: Deployed, data_example: str) -> None:
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{holders('data-restored')}") from None
     assert text.strip().splitlines()[0] == data_example
+
+
+def test_no_container_restarted(deployed: Deployed) -> None:
+    """After all examples (the liveness probes have run many times by now): no
+    container of the DaemonSets was restarted, and no probe failure was reported."""
+    restarts = _restarts(deployed)
+    events = [f"{e.reason}: {e.message}" for ds in DAEMONSETS_NAMES
+              for pod in deployed.pods_of(ds)
+              for e in events_about(deployed.client, SYSTEM_NS, str(pod.metadata.name))
+              if e.reason in ("Unhealthy", "BackOff", "Killing")]
+    assert set(restarts.values()) == {0}, f"{restarts}; events: {events}"
