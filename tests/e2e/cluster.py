@@ -80,18 +80,25 @@ class Run:
         self.logs = self.directory / "logs"
         self.logs.mkdir()
         self.footprint = host.Footprint(run=self.name, directory=self.directory)
+        self.footprint.save()
         self.saved_logs: Path | None = None
 
-    def close(self) -> list[str]:
-        """Remove the directory (never across a mount) and return what leaked."""
+    def close(self, keep_logs: bool) -> list[str]:
+        """Remove the directory (never across a mount) and return what leaked; the
+        component logs are kept first with ``keep_logs`` (a test failed) or a leak."""
         host.unmount_under(self.directory)
-        if self.directory.exists() and not host.mounts_under(self.directory):
+        own_dir = f"directory {self.directory}"
+        if keep_logs or [leak for leak in self.footprint.leaks() if leak != own_dir]:
             self._keep_logs()
+        if self.directory.exists() and not host.mounts_under(self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
-        return self.footprint.leaks()
+        try:
+            return self.footprint.leaks()
+        finally:
+            self.footprint.release_namespace()
 
     def _keep_logs(self) -> None:
-        """Component logs survive the run in /tmp/hke-logs-<id> for failure reports."""
+        """Component logs survive a failed run in /tmp/hke-logs-<id>."""
         target = Path(f"/tmp/hke-logs-{self.id}")
         with contextlib.suppress(OSError):
             shutil.copytree(self.logs, target)
@@ -222,9 +229,10 @@ class Node:
         self._entered_shared = True
         self.node_ip = host.add_node_address()
         fp.node_address = self.node_ip
-        host.create_cgroup_root(self.run.name)
         fp.cgroup_root = self.run.name
         fp.links.append(self.bridge)
+        fp.save()
+        host.create_cgroup_root(self.run.name)
         for path in (self.kubelet_root, self.cdi_dir, self.containerd_dir, self.runc_root,
                      self.device_plugin_dir):
             path.mkdir(parents=True, exist_ok=True)
@@ -253,8 +261,9 @@ class Node:
         own = os.readlink("/proc/self/ns/mnt")
         holder.wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/mnt") != own,
                           "a mount namespace of its own", START_TIMEOUT)
-        self.mount_ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
-        self.run.footprint.mount_namespace = self.mount_ns
+        self.run.footprint.hold_namespace(holder.pid)
+        self.mount_ns = self.run.footprint.mount_namespace
+        self.run.footprint.save()
         commands.run([*self.in_node(), "mount", "--bind", str(self.device_plugin_dir),
                       host.KUBELET_DEVICE_PLUGIN_DIR], timeout=30)
 
@@ -459,6 +468,7 @@ imports = []
             lambda: self._stop("containerd"),
             self._remove_containers,
             lambda: host.remove_cgroup_root(self.run.name),
+            self._unmount_in_node,
             self._empty_mount_namespace,
             lambda: host.unmount_under(self.run.directory),
             lambda: host.delete_link(self.bridge),
@@ -472,6 +482,18 @@ imports = []
                 step()
             except Exception:
                 log.exception("e2e teardown step failed; continuing")
+
+    def mounts(self, under: Path) -> list[str]:
+        """Mount points at or below ``under`` as the node (kubelet, containerd) sees them;
+        the test process's own namespace does not see the node's mounts."""
+        return host.mounts_under(under, self.daemons["mount-namespace"].pid)
+
+    def _unmount_in_node(self) -> None:
+        """What containerd or a driver left mounted in the node's namespace (the
+        namespace would drop it anyway; this also releases loop devices at once)."""
+        holder = self.daemons.get("mount-namespace")
+        if holder is not None and holder.running():
+            host.unmount_under(self.run.directory, holder.pid, self.in_node())
 
     def _empty_mount_namespace(self) -> None:
         """Stop the holder and whatever a test left in the namespace; it then vanishes."""

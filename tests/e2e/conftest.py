@@ -5,6 +5,8 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
 ``e2e_binaries`` -> ``Binaries``
     every executable, the shared ones decompressed once into a cache.
 ``e2e_run`` -> ``Run``
+    first undoes runs whose pytest was killed before teardown (their
+    ``footprint.json`` names the owner and what they changed), then creates
     the run's directory ``/tmp/hke-<id>``; at the end of the session it is
     removed and the host is checked: any process, mount, loop device, network
     link, address, cgroup, sysctl or iptables chain of the run left behind
@@ -25,7 +27,9 @@ Fixture API (for test modules of this tier; see ``tests/e2e/cluster.py``):
     reachable from the test process by their run paths.  Useful attributes:
     ``node_name``, ``node_ip``, ``kubelet_root``, ``device_plugin_dir``,
     ``pod_resources_socket``, ``cdi_dir``, ``binaries``, ``cp`` (the control
-    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``.
+    plane), ``run`` (directory, logs), ``restart_kubelet()``, ``ctr(...)``,
+    ``mounts(under)`` (mount points as the node sees them: the test process's
+    own /proc/self/mountinfo does not show the node's mounts).
 
 Our DaemonSets as host processes: ``tests/e2e/daemonsets.py`` (``render``,
 ``HostPod``: argv/env/paths/ports of a container from the rendered manifests,
@@ -35,7 +39,8 @@ All are session-scoped: a module that asks only for ``control_plane`` never
 starts a kubelet.  The tier needs root and the binaries: without them it FAILS
 with a message saying how to get them, unless ``SKIP_E2E_TESTS=1`` is set
 explicitly (as ``SKIP_KERNEL_TESTS`` for the kernel tier), so CI can never pass
-by skipping it.  Component logs of a run are kept in ``/tmp/hke-logs-<id>``.
+by skipping it.  When a test failed or something leaked, the component logs of
+the run are kept in ``/tmp/hke-logs-<id>`` (named in the terminal summary).
 
 ``figure`` -> ``Callable[[str], None]``
     records a measured figure; all are printed in the terminal summary (also
@@ -51,11 +56,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import binaries
+from tests.e2e import binaries, host
 from tests.e2e.cluster import ControlPlane, Node, Run
 
 E2E_DIR = Path(__file__).parent
 FIGURES: list[str] = []
+NOTES: list[str] = []
+FAILURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        FAILURES.append(report.nodeid)
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +80,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("end-to-end figures (measured, not asserted)")
         for line in FIGURES:
             terminalreporter.write_line(line)
+    for line in NOTES:
+        terminalreporter.write_line(f"end-to-end note: {line}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -98,11 +112,15 @@ def e2e_binaries() -> binaries.Binaries:
 
 @pytest.fixture(scope="session")
 def e2e_run(e2e_binaries: binaries.Binaries) -> Iterator[Run]:
+    NOTES.extend(f"removed what the killed run {name} left behind"
+                 for name in host.reap_stale())
     run = Run()
     yield run
-    leaks = run.close()
+    leaks = run.close(keep_logs=bool(FAILURES))
     if leaks and run.saved_logs is not None:
         (run.saved_logs / "leaks.txt").write_text("\n".join(leaks) + "\n")
+    if run.saved_logs is not None:
+        NOTES.append(f"component logs kept in {run.saved_logs}")
     if leaks:
         pytest.fail("the end-to-end tier left this behind:\n  " + "\n  ".join(leaks),
                     pytrace=False)

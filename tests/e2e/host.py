@@ -29,9 +29,10 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,10 +162,8 @@ def _locked_record() -> Iterator[dict[str, object]]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = SHARED_DIR / "record.json"
         record = json.loads(path.read_text()) if path.exists() else {}
-        users = [u for u in record.get("users", []) if _alive(int(u["pid"]))]
-        if not users:
-            record = {}
-        record["users"] = users
+        # Runs whose pytest died are dropped; what they saved stays until restored.
+        record["users"] = [u for u in record.get("users", []) if _alive(int(u["pid"]))]
         yield record
         if record.get("users"):
             path.write_text(json.dumps(record))
@@ -187,6 +186,8 @@ def enter_shared(run: str) -> None:
         users = record["users"]
         assert isinstance(users, list)
         if not users:
+            if "sysctls" in record:  # left by runs killed before their teardown
+                _restore(record)
             record["sysctls"] = _read_sysctls()
             record["chains"] = _chains()
             record["absent_dirs"] = [
@@ -210,28 +211,41 @@ def leave_shared(run: str) -> list[str]:
         record["users"] = [u for u in users if u["run"] != run]
         if record["users"]:
             return []
-        saved = record.get("sysctls", {})
-        chains = record.get("chains", {})
-        assert isinstance(saved, dict) and isinstance(chains, dict)
-        for key, value in saved.items():
-            with contextlib.suppress(OSError):
-                (Path("/proc/sys") / key).write_text(value)
-        _delete_new_chains(chains)
-        absent = record.get("absent_dirs", [])
-        assert isinstance(absent, list)
-        for directory in sorted(absent, key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                Path(directory).rmdir()
-        left = [f"sysctl {k.replace('/', '.')}={v} (was {saved[k]})"
-                for k, v in _read_sysctls().items() if saved.get(k) != v]
-        now = _chains()
-        for tool in IPTABLES:
-            for table in TABLES:
-                before = set(chains.get(tool, {}).get(table, []))
-                left += [f"{tool} -t {table} chain {c}"
-                         for c in now[tool][table] if c not in before]
-        left += [f"directory {d}" for d in absent if Path(d).exists()]
-        return left
+        return _restore(record)
+
+
+def restore_if_unused() -> list[str]:
+    """Restore the host if every run that entered is gone (killed without teardown)."""
+    with _locked_record() as record:
+        if record["users"] or "sysctls" not in record:
+            return []
+        return _restore(record)
+
+
+def _restore(record: dict[str, object]) -> list[str]:
+    """Put back what the first run saved; returns what could not be put back."""
+    saved = record.get("sysctls", {})
+    chains = record.get("chains", {})
+    assert isinstance(saved, dict) and isinstance(chains, dict)
+    for key, value in saved.items():
+        with contextlib.suppress(OSError):
+            (Path("/proc/sys") / key).write_text(value)
+    _delete_new_chains(chains)
+    absent = record.get("absent_dirs", [])
+    assert isinstance(absent, list)
+    for directory in sorted(absent, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            Path(directory).rmdir()
+    left = [f"sysctl {k.replace('/', '.')}={v} (was {saved[k]})"
+            for k, v in _read_sysctls().items() if saved.get(k) != v]
+    now = _chains()
+    for tool in IPTABLES:
+        for table in TABLES:
+            before = set(chains.get(tool, {}).get(table, []))
+            left += [f"{tool} -t {table} chain {c}"
+                     for c in now[tool][table] if c not in before]
+    left += [f"directory {d}" for d in absent if Path(d).exists()]
+    return left
 
 
 def _delete_new_chains(before: dict[str, dict[str, list[str]]]) -> None:
@@ -254,26 +268,29 @@ def _delete_new_chains(before: dict[str, dict[str, list[str]]]) -> None:
 
 # ------------------------------------------------------- mounts, loops, links
 
-def mounts_under(directory: Path) -> list[str]:
+def mounts_under(directory: Path, pid: int | str = "self") -> list[str]:
+    """Mount points at or below ``directory`` in the mount namespace of ``pid``."""
     prefix = str(directory).rstrip("/") + "/"
     found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         point = line.split()[4].replace("\\040", " ")
         if point == str(directory) or point.startswith(prefix):
             found.append(point)
     return found
 
 
-def unmount_under(directory: Path) -> None:
-    """Unmount everything at or below ``directory``, deepest first (lazily if busy)."""
+def unmount_under(directory: Path, pid: int | str = "self",
+                  prefix: Sequence[str] = ()) -> None:
+    """Unmount everything at or below ``directory``, deepest first (lazily if busy), in
+    the mount namespace of ``pid`` (``prefix`` enters it, e.g. ``Node.in_node()``)."""
     for _ in range(5):
-        points = mounts_under(directory)
+        points = mounts_under(directory, pid)
         if not points:
             return
         for point in sorted(set(points), key=lambda p: p.count("/"), reverse=True):
-            result = commands.run(["umount", point], timeout=30, check=False)
-            if result.returncode != 0 and point in mounts_under(directory):
-                commands.run(["umount", "--lazy", point], timeout=30, check=False)
+            result = commands.run([*prefix, "umount", point], timeout=30, check=False)
+            if result.returncode != 0 and point in mounts_under(directory, pid):
+                commands.run([*prefix, "umount", "--lazy", point], timeout=30, check=False)
 
 
 def loops_backed_under(directory: Path) -> list[str]:
@@ -331,6 +348,9 @@ def kill_processes_mentioning(text: str, timeout: float = 10.0) -> None:
 
 # ------------------------------------------------------------------ the verdict
 
+FOOTPRINT_FILE = "footprint.json"
+RUN_NAME = re.compile(r"hke-[0-9a-f]{8}")
+
 @dataclass
 class Footprint:
     """What one run put on the host; ``leaks`` lists what is still there."""
@@ -341,11 +361,54 @@ class Footprint:
     cgroup_root: str | None = None
     links: list[str] = field(default_factory=list)
     mount_namespace: str | None = None
+    # An open handle on the mount namespace: namespace inode numbers are reused once
+    # a namespace is gone, so "processes in mnt:[N]" only means ours while it is held.
+    namespace_fd: int | None = None
     shared_left: list[str] = field(default_factory=list)
+
+    def hold_namespace(self, pid: int) -> None:
+        self.namespace_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self.mount_namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+
+    def release_namespace(self) -> None:
+        """Let the namespace (and whatever is still mounted only there) go."""
+        if self.namespace_fd is not None:
+            os.close(self.namespace_fd)
+            self.namespace_fd = None
+
+    def save(self) -> None:
+        """Record the footprint (and its owner) before each change it describes, so that
+        a later run can undo a run that was killed before its teardown."""
+        (self.directory / FOOTPRINT_FILE).write_text(json.dumps({
+            "owner": os.getpid(), "node_address": self.node_address,
+            "cgroup_root": self.cgroup_root, "links": self.links,
+            "mount_namespace": self.mount_namespace,
+        }))
+
+    def undo(self) -> None:
+        """Remove everything of the footprint that is still there (a killed run's).
+
+        Processes are found by the run's directory in their command line (node
+        daemons, shims) and by its cgroups (containers), never by the recorded
+        mount namespace: its number may belong to another run by now."""
+        for pid in processes_mentioning(str(self.directory)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.cgroup_root:
+            remove_cgroup_root(self.cgroup_root)
+        unmount_under(self.directory)
+        for dev in loops_backed_under(self.directory):
+            commands.run(["losetup", "--detach", dev], timeout=30, check=False)
+        for name in self.links:
+            delete_link(name)
+        if self.node_address:
+            remove_node_address(self.node_address)
+        if not mounts_under(self.directory):
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def leaks(self) -> list[str]:
         pids = set(processes_mentioning(str(self.directory)))
-        if self.mount_namespace:
+        if self.mount_namespace and self.namespace_fd is not None:
             pids |= set(processes_in_namespace(self.mount_namespace))
         found = [f"process {pid}: {_cmdline(pid)}" for pid in sorted(pids)]
         found += [f"mount {m}" for m in mounts_under(self.directory)]
@@ -358,6 +421,28 @@ class Footprint:
         if self.directory.exists():
             found.append(f"directory {self.directory}")
         return found + self.shared_left
+
+
+def reap_stale(parent: Path = Path("/tmp")) -> list[str]:
+    """Undo the runs whose pytest process died without a teardown; names them."""
+    reaped = []
+    for directory in sorted(parent.glob("hke-*")):
+        if not RUN_NAME.fullmatch(directory.name):
+            continue
+        try:
+            data = json.loads((directory / FOOTPRINT_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(data["owner"])):
+            continue
+        Footprint(run=directory.name, directory=directory,
+                  node_address=data.get("node_address"), cgroup_root=data.get("cgroup_root"),
+                  links=list(data.get("links") or []),
+                  mount_namespace=data.get("mount_namespace")).undo()
+        reaped.append(directory.name)
+    if reaped:
+        restore_if_unused()
+    return reaped
 
 
 def _cmdline(pid: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightkube.resources.core_v1 import Namespace, Node
 
-from tests.e2e import kube
+from tests.e2e import host, kube
 from tests.e2e.cluster import ControlPlane
 from tests.e2e.cluster import Node as ClusterNode
 
@@ -27,5 +27,10 @@ def test_a_busybox_pod_runs_from_the_imported_image(cluster: ClusterNode):
     try:
         kube.wait_running(client, "e2e-hello")
         assert "hello-from-e2e" in kube.wait_log(client, "e2e-hello", "hello-from-e2e")
+        # The container's root filesystem is mounted where the node sees it, and only
+        # there: the node's mounts stay in its own namespace.
+        containerd_state = cluster.containerd_dir / "state"
+        assert any(m.endswith("/rootfs") for m in cluster.mounts(containerd_state))
+        assert host.mounts_under(cluster.run.directory) == []
     finally:
         kube.delete_pod(client, "e2e-hello")

@@ -135,6 +135,27 @@ class Plugins:
             daemon.stop()
 
 
+def registrations(pod: HostPod) -> dict[str, float]:
+    """``hostkit_device_plugin_registrations_total{result="ok"}`` by resource, scraped
+    from the metrics port the DaemonSet declares (mapped like every port)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics_port = pod.ports[next(p["containerPort"] for p in pod.container(CONTAINER)["ports"]
+                                  if p["name"] == "metrics")]
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "hostkit_device_plugin_registrations":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["result"] == "ok":
+                    out[sample.labels["resource"]] = sample.value
+    return out
+
+
 def _http_ok(url: str) -> bool:
     import urllib.request
 
@@ -296,6 +317,7 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
         limits={FUSE: "1"}))
     kube.wait_running(client, "keeps-device")
     before = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
+    counted = {**registrations(plugins.default_pod), **registrations(plugins.loop_pod)}
 
     old_version = client.get(Node, cluster.node_name).metadata.resourceVersion
     wall = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -317,6 +339,8 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
     after = {p.name for p in cluster.device_plugin_dir.iterdir() if p.is_socket()}
     new = after - before - {"kubelet.sock"}
     assert len(new) == len(want), f"re-registered sockets {new}, before {before}"
+    recounted = {**registrations(plugins.default_pod), **registrations(plugins.loop_pod)}
+    assert all(recounted[r] >= counted[r] + 1 for r in want), (counted, recounted)
 
     pod = client.get(Pod, "keeps-device")
     assert pod.status.phase == "Running"
@@ -329,18 +353,24 @@ def test_kubelet_restart(plugins: Plugins, cluster: ClusterNode, clean_pods: Cli
                   lambda t: t.count("tick") > ticks + 1 and "lost" not in t,
                   "the running pod still sees its device")
 
+    # The new kubelet rebuilt the allocation from its checkpoint.
+    assert len(held_devices(cluster, "keeps-device").get(FUSE, [])) == 1
+
     client.create(kube.busybox_pod("admitted-after", "echo ok; sleep 3600",
                                    limits={FUSE: "1", LOOP: "1"}))
     kube.wait_running(client, "admitted-after")
 
 
 def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
-        plugins: Plugins, cluster: ClusterNode, clean_pods: Client):
+        plugins: Plugins, cluster: ClusterNode, clean_pods: Client, figure):
     client = clean_pods
     node = cluster.node_name
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+    attached = time.monotonic()
     second = plugins.loops.attach()
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
+    figure(f"loop device attached -> in the Node's capacity: {time.monotonic() - attached:.1f} s "
+           "(the kubelet posts node status every 10 s)")
     commands.run(["blockdev", "--setro", second], timeout=30)
     try:
         wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "2"})
@@ -349,6 +379,21 @@ def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
     plugins.loops.detach(second)
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
+
+
+def held_devices(cluster: ClusterNode, pod: str) -> dict[str, list[str]]:
+    """Device IDs by resource that the kubelet's pod-resources API lists for ``pod``."""
+    pb, stubs = api.pod_resources_api()
+    with grpc.insecure_channel(f"unix://{cluster.pod_resources_socket}") as channel:
+        listed = stubs.PodResourcesListerStub(channel).List(pb.ListPodResourcesRequest(),
+                                                            timeout=10)
+    held: dict[str, list[str]] = {}
+    for entry in listed.pod_resources:
+        if entry.name == pod:
+            for container in entry.containers:
+                for devices in container.devices:  # one entry per resource and NUMA node
+                    held.setdefault(devices.resource_name, []).extend(devices.device_ids)
+    return held
 
 
 def test_pod_resources_api_reports_who_holds_which_device(
@@ -360,18 +405,16 @@ def test_pod_resources_api_reports_who_holds_which_device(
     log = kube.wait_log(client, "holder", "ids=")
     loop_id = log.split("ids=", 1)[1].split()[0]
 
+    held = held_devices(cluster, "holder")
+    assert held[LOOP] == [loop_id]
+    assert len(held[FUSE]) == 2
+
     pb, stubs = api.pod_resources_api()
     with grpc.insecure_channel(f"unix://{cluster.pod_resources_socket}") as channel:
         stub = stubs.PodResourcesListerStub(channel)
         listed = stub.List(pb.ListPodResourcesRequest(), timeout=10)
         allocatable = stub.GetAllocatableResources(pb.AllocatableResourcesRequest(),
                                                    timeout=10)
-    (holder,) = [p for p in listed.pod_resources if p.name == "holder"]
-    held: dict[str, list[str]] = {}
-    for entry in holder.containers[0].devices:  # one entry per resource and NUMA node
-        held.setdefault(entry.resource_name, []).extend(entry.device_ids)
-    assert held[LOOP] == [loop_id]
-    assert len(held[FUSE]) == 2
     offered: dict[str, set[str]] = {}
     for entry in allocatable.devices:
         offered.setdefault(entry.resource_name, set()).update(entry.device_ids)
@@ -379,4 +422,3 @@ def test_pod_resources_api_reports_who_holds_which_device(
     others = [p for p in listed.pod_resources if p.name != "holder"
               for c in p.containers for d in c.devices if d.resource_name == LOOP]
     assert others == []
-
