@@ -161,11 +161,12 @@ def capacity_of(client: Client, namespace: str, storage_class: str, node: str) -
     for cap in client.list(CSIStorageCapacity, namespace=namespace):
         terms = cap.nodeTopology.matchLabels if cap.nodeTopology else None
         if cap.storageClassName == storage_class and terms == {TOPOLOGY_KEY: node}:
-            return None if cap.capacity is None else int(_bytes(str(cap.capacity)))
+            return None if cap.capacity is None else quantity_bytes(str(cap.capacity))
     return None
 
 
-def _bytes(quantity: str) -> int:
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a Kubernetes quantity as the API server writes sizes (``64Mi``, ``1k``)."""
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50,
              "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
     for suffix in sorted(units, key=len, reverse=True):
