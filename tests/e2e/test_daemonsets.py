@@ -9,7 +9,8 @@ apply -k`` through an overlay of the run (``tests.e2e.node_overlay``: the
 kubelet root, no udevd, free ports, the API server address, the run's state
 and CDI directories), and the files of ``daemonsets/examples`` are applied
 unchanged into a namespace, as the examples' README says: a device in a pod, a
-PVC with data, a snapshot and its restore.
+PVC with data, a snapshot and its restore, a raw block claim, a generic ephemeral
+volume.
 
 This is what the host-process scenarios cannot show: the containers' mount
 propagation (the driver's Bidirectional mounts must reach the kubelet and the
@@ -399,6 +400,41 @@ def test_snapshot_example(deployed: Deployed, data_example: str) -> None:
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{holders('data-restored')}") from None
     assert text.strip().splitlines()[0] == data_example
+
+
+def test_block_example(deployed: Deployed) -> None:
+    """examples/block-pod.yaml: a raw block claim handed to the pod as /dev/xvda (the
+    driver's publish file under the kubelet's plugins dir, Bidirectional)."""
+    deployed.apply_example("block-pod.yaml")
+    wait_running(deployed.client, "raw-user", NS, timeout=EXAMPLE_TIMEOUT)
+    deployed.remember_volume("raw")
+    text = wait_for(lambda: "".join(deployed.client.log("raw-user", namespace=NS)),
+                    lambda t: t.strip() != "", "the size the pod printed", 30)
+    assert text.split() == [str(1 << 30)], text
+
+
+def test_ephemeral_example(deployed: Deployed) -> None:
+    """examples/ephemeral-pod.yaml: the claim comes with the pod, its volume is
+    mounted, and it goes with the pod (PVC and PV deleted)."""
+    client = deployed.client
+    deployed.apply_example("ephemeral-pod.yaml")
+    wait_running(client, "scratch-user", NS, timeout=EXAMPLE_TIMEOUT)
+    pv = deployed.remember_volume("scratch-user-scratch")
+    wait_log(client, "scratch-user", "/scratch", NS)
+    delete_and_wait(client, Pod, "scratch-user", NS, timeout=90)
+
+    def gone(get: Callable[[], object]) -> bool:
+        try:
+            get()
+        except ApiError as exc:
+            return exc.status.code == 404
+        return False
+    # Nobody deletes them but the garbage collector (owner: the pod) and the driver.
+    wait_for(lambda: gone(lambda: client.get(PersistentVolumeClaim, "scratch-user-scratch",
+                                             namespace=NS)),
+             bool, "the ephemeral claim deleted with its pod", 90)
+    wait_for(lambda: gone(lambda: client.get(PersistentVolume, str(pv.metadata.name))),
+             bool, "its volume deleted", 90)
 
 
 def test_no_container_restarted(deployed: Deployed) -> None:
