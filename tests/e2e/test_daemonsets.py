@@ -446,3 +446,24 @@ def test_no_container_restarted(deployed: Deployed) -> None:
               for e in events_about(deployed.client, SYSTEM_NS, str(pod.metadata.name))
               if e.reason in ("Unhealthy", "BackOff", "Killing")]
     assert set(restarts.values()) == {0}, f"{restarts}; events: {events}"
+
+
+def test_sidecars_were_never_denied(deployed: Deployed) -> None:
+    """After provisioning, snapshotting, restoring and deleting: no request of any
+    container was refused by the API server's RBAC (its log would say "forbidden")."""
+    denied, silent = {}, []
+    for ds in DAEMONSETS_NAMES:
+        for pod in deployed.pods_of(ds):
+            assert pod.spec is not None and pod.metadata is not None
+            for cont in pod.spec.containers:
+                log = list(deployed.client.log(str(pod.metadata.name), namespace=SYSTEM_NS,
+                                               container=cont.name))
+                if not log:
+                    silent.append(f"{ds}/{cont.name}")
+                lines = [line for line in log if "forbidden" in line.lower()]
+                if lines:
+                    denied[f"{ds}/{cont.name}"] = lines[:3]
+    assert not denied, denied
+    # The API-using sidecars log at --v=2; an empty log would make this check vacuous.
+    assert not {f"hostkit-csi-node/{c}" for c in
+                ("csi-provisioner", "csi-snapshotter", "csi-resizer")} & set(silent), silent
