@@ -20,8 +20,8 @@ paths through the pod's mounts, loopback ports):
   registration), and the cluster-wide snapshot-controller
   (``--enable-distributed-snapshotting``, admin identity: it is not part of
   our manifests);
-* host-side views for the checks: loop devices by backing file and mounts in
-  the node's mount table.
+* host-side views for the checks: loop devices by backing file, and which
+  processes still hold a volume's mounts.
 """
 
 from __future__ import annotations
@@ -208,15 +208,3 @@ def holders(*needles: str) -> str:
                 cmd = (info.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 found.append(f"pid {info.parent.name}: {cmd[:160]}")
     return "processes whose mount table still holds it: " + ("; ".join(found) or "none")
-
-
-def mounts_under(mountinfo: Path, *directories: Path) -> list[str]:
-    """Mount points (from ``mountinfo``, a /proc/PID/mountinfo) under ``directories``."""
-    prefixes = [str(d) for d in directories]
-    found = []
-    for line in mountinfo.read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if any(point == p or point.startswith(p + "/") for p in prefixes):
-            found.append(point)
-    return found
-

@@ -38,7 +38,6 @@ from tests.e2e.csi_node import (
     backing_file,
     holders,
     loop_devices_under,
-    mounts_under,
 )
 from tests.e2e.csi_objects import (
     DRIVER_NAME,
@@ -94,11 +93,6 @@ class Csi:
     empty_capacity: int = 0
 
     @property
-    def mountinfo(self) -> Path:
-        """The mount table of the node's mount namespace (the kubelet's)."""
-        return Path(f"/proc/{self.cluster.daemons['mount-namespace'].pid}/mountinfo")
-
-    @property
     def node_name(self) -> str:
         return self.cluster.node_name
 
@@ -145,7 +139,8 @@ class Csi:
         name = str(pv.metadata.name)
         digest = hashlib.sha256(str(pv.spec.csi.volumeHandle).encode()).hexdigest()
         root = self.cluster.kubelet_root
-        return [m for m in mounts_under(self.mountinfo, root / "pods", root / "plugins")
+        return [m for m in self.cluster.mounts(root / "pods") + self.cluster.mounts(
+                    root / "plugins")
                 if f"/{name}/" in m or m.endswith(f"/{name}") or f"/{digest}/" in m]
 
     def image_of(self, volume_id: str) -> list[Path]:
@@ -248,8 +243,8 @@ def csi(cluster: Node, e2e_binaries: binaries.Binaries) -> Iterator[Csi]:
         finally:
             node.stop()
         leaks = loop_devices_under(node.state_dir)
-        leaks += mounts_under(state.mountinfo, node.state_dir)
-        leaks += [m for m in mounts_under(state.mountinfo, cluster.kubelet_root)
+        leaks += cluster.mounts(node.state_dir)
+        leaks += [m for m in cluster.mounts(cluster.kubelet_root)
                   if "kubernetes.io~csi" in m or "/kubernetes.io/csi/" in m]
         assert not leaks, f"CSI volumes left behind: {leaks}"
         images_left = sorted(p.name for p in node.state_dir.rglob("*.img"))
