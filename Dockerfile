@@ -21,7 +21,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN pip install --no-cache-dir grpcio-tools==1.85.1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protos/ protos/
 COPY plugin_runtime/ plugin_runtime/
 COPY device_plugin/ device_plugin/

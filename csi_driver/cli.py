@@ -176,6 +176,11 @@ def _pools(args: argparse.Namespace) -> int:
                       f" reserve {_h(cap['reserve_bytes'])}, provisioned "
                       f"{_h(cap['provisioned_bytes'])}, available {_h(cap['available_bytes'])},"
                       f" max volume {_h(cap['maximum_volume_bytes'])}")
+        if "quota_mode" in pool:
+            print(f"  quotas: {pool['quota_mode']}"
+                  + (f" ({pool['quota_reason']})" if pool.get("quota_reason") else ""))
+        if pool.get("problem"):
+            print(f"  problem: {pool['problem']}")
         for disk in pool.get("disks", []):
             print(f"  disk {disk}")
     print(f"volumes: {len(volumes)}")

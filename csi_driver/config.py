@@ -24,6 +24,8 @@ from plugin_runtime.errors import InvalidArgument
 
 FS_TYPES = ("ext4", "xfs", "btrfs")
 BACKING_FS_TYPES = ("xfs", "btrfs")
+POOL_TYPES = ("image", "disk", "subvolume")
+QUOTA_MODES = ("auto", "simple", "full")
 DEFAULT_STATE_DIR = "/var/lib/hostkit-csi"
 DEFAULT_KUBELET_ROOT = "/var/lib/kubelet"
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -111,8 +113,10 @@ TOP_OPTIONS: dict[str, Option] = {
 _COMMON_POOL_OPTIONS: dict[str, Option] = {
     "name": Option("str", None, "Pool name, chosen by the StorageClass parameter `pool`; "
                    "the first pool is the default.", required=True, check=_pool_name),
-    "type": Option("enum", None, "`image` (image files in a directory) or `disk` (whole disks "
-                   "found through udev).", choices=("image", "disk"), required=True),
+    "type": Option("enum", None, "`image` (image files in a directory), `disk` (whole disks "
+                   "found through udev) or `subvolume` (btrfs subvolumes with a quota limit, "
+                   "in a directory of a mounted btrfs filesystem).", choices=POOL_TYPES,
+                   required=True),
     "default_fs_type": Option("enum", "ext4", "Filesystem for mount volumes when neither the "
                               "StorageClass nor the capability names one.", choices=FS_TYPES),
 }
@@ -138,6 +142,34 @@ IMAGE_POOL_OPTIONS: dict[str, Option] = {
     **_IMAGE_OPTIONS,
 }
 
+_SUBVOLUME_OPTIONS: dict[str, Option] = {
+    "quota_mode": Option("enum", "full", "How btrfs accounts each volume against its limit: "
+                         "`full` qgroups (the default: shared data counts for every volume "
+                         "that references it, so the limit bounds everything a volume, clone "
+                         "or restore can hold; random writes slow down after snapshots), "
+                         "`simple` quotas (kernel 6.7+: every extent charged once to the "
+                         "volume that wrote it, so a restore or clone is charged only for what "
+                         "it writes itself and can hold more than its capacity), or `auto` "
+                         "(simple where the kernel has it, else full). Quotas already on keep "
+                         "their mode.", choices=QUOTA_MODES),
+}
+
+SUBVOLUME_POOL_OPTIONS: dict[str, Option] = {
+    "name": _COMMON_POOL_OPTIONS["name"],
+    "type": _COMMON_POOL_OPTIONS["type"],
+    "path": Option("path", None, "Directory on a mounted btrfs filesystem holding the "
+                   "subvolumes (created if missing; anything else than btrfs is refused).",
+                   required=True),
+    "thin": Option("bool", True, "Default provisioning: thin volumes promise their size only "
+                   "against `overcommit_ratio`; thick (false) volumes keep their whole unused "
+                   "limit counted as taken, so they can always fill up; the StorageClass "
+                   "parameter `thin` overrides it."),
+    "overcommit_ratio": _IMAGE_OPTIONS["overcommit_ratio"],
+    "reserve_bytes": _IMAGE_OPTIONS["reserve_bytes"],
+    "reserve_percent": _IMAGE_OPTIONS["reserve_percent"],
+    **_SUBVOLUME_OPTIONS,
+}
+
 DISK_POOL_OPTIONS: dict[str, Option] = {
     **_COMMON_POOL_OPTIONS,
     "selector": Option("map", None, "Which disks belong to the pool (below).", required=True),
@@ -148,7 +180,11 @@ DISK_POOL_OPTIONS: dict[str, Option] = {
     "backing_fs_type": Option("enum", "xfs", "`backing` mode: filesystem put on the disks "
                               "(xfs and btrfs give reflink snapshots).",
                               choices=BACKING_FS_TYPES),
+    "volume_kind": Option("enum", "image", "`backing` mode: what a volume is on the disks, "
+                          "`image` files or btrfs `subvolume`s (needs `backing_fs_type: "
+                          "btrfs`).", choices=("image", "subvolume")),
     **_IMAGE_OPTIONS,
+    **_SUBVOLUME_OPTIONS,
 }
 
 SELECTOR_OPTIONS: dict[str, Option] = {
@@ -165,6 +201,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
     "": TOP_OPTIONS,
     "pools[] (type: image)": IMAGE_POOL_OPTIONS,
     "pools[] (type: disk)": DISK_POOL_OPTIONS,
+    "pools[] (type: subvolume)": SUBVOLUME_POOL_OPTIONS,
     "pools[].selector": SELECTOR_OPTIONS,
 }
 
@@ -194,6 +231,8 @@ class PoolConfig:
     selector: SelectorConfig | None = None
     mode: str = DISK_POOL_OPTIONS["mode"].default
     backing_fs_type: str = DISK_POOL_OPTIONS["backing_fs_type"].default
+    volume_kind: str = DISK_POOL_OPTIONS["volume_kind"].default
+    quota_mode: str = _SUBVOLUME_OPTIONS["quota_mode"].default
 
 
 @dataclass(frozen=True)
@@ -290,8 +329,26 @@ def _pool(data: Any, index: int) -> PoolConfig:
                 f"{prefix}.selector: give at least one of properties, attributes or kernel "
                 "(an empty selector would claim every unused disk)"
             )
+        if values["volume_kind"] == "subvolume":
+            if values["mode"] != "backing" or values["backing_fs_type"] != "btrfs":
+                raise ConfigError(
+                    f"{prefix}.volume_kind: subvolume volumes need mode: backing and "
+                    "backing_fs_type: btrfs"
+                )
+            if data.get("default_fs_type") not in (None, "btrfs"):
+                raise ConfigError(
+                    f"{prefix}.default_fs_type: subvolume volumes are on the disks' btrfs; "
+                    "leave it out or set btrfs"
+                )
+            values["default_fs_type"] = "btrfs"
         return PoolConfig(**values, selector=SelectorConfig(**sel))
-    raise ConfigError(f"{prefix}.type: expected 'image' or 'disk', got {kind!r}")
+    if kind == "subvolume":
+        values = _section(data, SUBVOLUME_POOL_OPTIONS, prefix)
+        # A subvolume's filesystem is the pool's own: always btrfs.
+        return PoolConfig(**values, default_fs_type="btrfs")
+    raise ConfigError(
+        f"{prefix}.type: expected one of {', '.join(POOL_TYPES)}, got {kind!r}"
+    )
 
 
 def default_pools(state_dir: str) -> tuple[PoolConfig, ...]:
@@ -316,11 +373,11 @@ def parse_config(data: Any, state_dir: str = DEFAULT_STATE_DIR) -> DriverConfig:
         if pool.name in seen:
             raise ConfigError(f"pools[{i}].name: duplicate pool name {pool.name!r}")
         seen.add(pool.name)
-    paths = [p.path for p in pools if p.type == "image"]
+    paths = [p.path for p in pools if p.type in ("image", "subvolume")]
     for i, path in enumerate(paths):
         for other in paths[i + 1:]:
             if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
-                raise ConfigError(f"pools: image pool paths {path} and {other} overlap")
+                raise ConfigError(f"pools: pool paths {path} and {other} overlap")
     return DriverConfig(**values, pools=pools)
 
 
@@ -391,6 +448,10 @@ def render_reference() -> str:
         "    selector:",
         "      kernel: 'nvme*n1'",
         "      min_size: 100Gi",
+        "  - name: subvol",
+        "    type: subvolume",
+        "    path: /srv/btrfs/hostkit",
+        "    quota_mode: full",
         "```",
         "",
     ]

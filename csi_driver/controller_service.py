@@ -1,6 +1,6 @@
-"""Controller service: request shape checks, then one VolumeService/SnapshotService call.
+"""Controller service: request shape checks, then one Provisioner/SnapshotService call.
 
-No rule about idempotency or compatibility lives here (see ``volumes.py``).
+No rule about idempotency or compatibility lives here (see ``provisioning.py``).
 ControllerPublish/Unpublish and ControllerModifyVolume are not offered (no
 attach step for node-local volumes) and answer UNIMPLEMENTED.
 """
@@ -13,8 +13,8 @@ import grpc
 
 from csi_driver import api
 from csi_driver.api import CONTROLLER_CAPABILITIES, pb, pb_grpc
+from csi_driver.provisioning import Provisioner
 from csi_driver.snapshots import SnapshotService
-from csi_driver.volumes import VolumeService
 from plugin_runtime.errors import InvalidArgument, Unimplemented
 from plugin_runtime.rpc import RpcBoundary
 
@@ -22,7 +22,7 @@ rpc = RpcBoundary("csi.v1.Controller")
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
-    def __init__(self, volumes: VolumeService, snapshots: SnapshotService) -> None:
+    def __init__(self, volumes: Provisioner, snapshots: SnapshotService) -> None:
         self.volumes = volumes
         self.snapshots = snapshots
 

@@ -14,6 +14,11 @@ Rules it keeps:
   still matches;
 - direct I/O is asked for and, when the backing filesystem refuses it, the
   device runs buffered and that is logged;
+- a device attached for read-write use is writable: the kernel keeps a block
+  device's read-only policy (BLKROSET, ``blockdev --setro``) across detach and
+  LOOP_CONFIGURE does not reset it, so a device another program left read-only
+  would make every later mount fail with EACCES.  ``attach`` clears the policy
+  on the device it got, or unbinds it again and says which device is read-only;
 - ``detach`` is never lazy: the kernel turns LOOP_CLR_FD on a device that is
   still open into "clear on last close", so a device that stays busy gets its
   autoclear flag taken back and the caller gets FailedPrecondition.  A device
@@ -66,6 +71,8 @@ LO_FLAGS_DIRECT_IO = 16
 
 # <linux/fs.h>
 BLKGETSIZE64 = 0x80081272
+BLKROSET = 0x125D
+BLKROGET = 0x125E
 
 LO_NAME_SIZE = 64
 ATTACH_ATTEMPTS = 32
@@ -293,15 +300,60 @@ def attach(
     return device
 
 
+def _free_number(control_fd: int) -> int:
+    """The number of a free loop device (LOOP_CTL_GET_FREE: the lowest unbound one)."""
+    try:
+        return int(fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE))
+    except OSError as exc:
+        raise ResourceExhausted(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
+
+
+def read_only_policy(fd: int) -> bool:
+    """BLKROGET on an open block device: True when the kernel refuses writes to it."""
+    value = ctypes.c_int(0)
+    fcntl.ioctl(fd, BLKROGET, value)
+    return bool(value.value)
+
+
+def set_read_only_policy(fd: int, read_only: bool) -> None:
+    """BLKROSET on an open block device (needs CAP_SYS_ADMIN)."""
+    fcntl.ioctl(fd, BLKROSET, ctypes.c_int(1 if read_only else 0))
+
+
+def _make_writable(loop_fd: int, device: str, path: str) -> None:
+    """Clear a read-only policy left on a just-attached device, or unbind it and refuse.
+
+    Attached without LO_FLAGS_READ_ONLY, the disk itself is writable, so a device
+    that still reports read-only carries a BLKROSET policy someone set before.
+    """
+    try:
+        if not read_only_policy(loop_fd):
+            return
+        set_read_only_policy(loop_fd, False)
+        if not read_only_policy(loop_fd):
+            log.warning(
+                "loop: %s was left read-only (BLKROSET) by an earlier user; cleared it to "
+                "attach %s read-write", device, path,
+            )
+            return
+        problem = "the policy stays set after BLKROSET 0"
+    except OSError as exc:
+        problem = f"clearing it failed: {exc}"
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(loop_fd, LOOP_CLR_FD)
+    raise FailedPrecondition(
+        f"loop device {device} is read-only (a BLKROSET policy left by an earlier user, as "
+        f"'blockdev --setro' sets) and {problem}; not attaching {path} to it "
+        f"(clear it with 'blockdev --setrw {device}')"
+    )
+
+
 def _attach_free(
     control_fd: int, file_fd: int, path: str, *, flags: int, block_size: int, read_only: bool
 ) -> str:
     last_error: OSError | None = None
     for _attempt in range(ATTACH_ATTEMPTS):
-        try:
-            number = fcntl.ioctl(control_fd, LOOP_CTL_GET_FREE)
-        except OSError as exc:
-            raise ResourceExhausted(f"no free loop device (LOOP_CTL_GET_FREE): {exc}") from exc
+        number = _free_number(control_fd)
         try:
             device = _ensure_node(number)
             loop_fd = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -327,6 +379,8 @@ def _attach_free(
                     flags &= ~LO_FLAGS_DIRECT_IO
                     continue
                 raise Internal(f"LOOP_CONFIGURE of {device} with {path} failed: {exc}") from exc
+            if not read_only:
+                _make_writable(loop_fd, device, path)
             try:
                 info = _get_status(loop_fd)
             except OSError as exc:

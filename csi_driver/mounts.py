@@ -22,7 +22,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -504,3 +504,33 @@ def validate_mount_options(options: Iterable[str]) -> list[str]:
         if option not in accepted:
             accepted.append(option)
     return accepted
+
+
+def present(path: str) -> bool:
+    """Something is at ``path``, even if it cannot be looked at.
+
+    ``os.path.lexists`` says False on any error, and the mount point of a
+    filesystem that shut itself down (xfs after a metadata error) answers lstat
+    with EIO: treated as absent, the dead mount would never be unmounted.
+    """
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def unmount_matching(path: str, matches: Callable[[MountEntry], bool]) -> None:
+    """Unmount ``path`` while the top-most mount there satisfies ``matches``.
+
+    A crashed retry may have stacked the same mount twice, so this repeats
+    (bounded); a mount that is not ``matches``'s is left alone.
+    """
+    for _ in range(16):
+        current = find_mount(path) if present(path) else None
+        if current is None or not matches(current):
+            return
+        unmount(path)
+    raise FailedPrecondition(f"{path} stays mounted after repeated unmounts")

@@ -1,4 +1,4 @@
-"""Node service: request shape checks, then one VolumeService call each."""
+"""Node service: request shape checks, then one NodeVolumes call each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import grpc
 
 from csi_driver import api
 from csi_driver.api import NODE_CAPABILITIES, pb, pb_grpc
-from csi_driver.volumes import VolumeService
+from csi_driver.node_volumes import NodeVolumes
 from plugin_runtime.errors import InvalidArgument
 from plugin_runtime.rpc import RpcBoundary
 
@@ -16,7 +16,7 @@ rpc = RpcBoundary("csi.v1.Node")
 
 
 class NodeServicer(pb_grpc.NodeServicer):
-    def __init__(self, volumes: VolumeService, max_volumes: int) -> None:
+    def __init__(self, volumes: NodeVolumes, max_volumes: int) -> None:
         self.volumes = volumes
         self.max_volumes = max_volumes
 

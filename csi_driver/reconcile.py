@@ -3,11 +3,12 @@ and report everything else.  It never deletes data.
 
 What it does:
 
-- thaws the staging mount of every staged filesystem volume (a crash during a
-  snapshot can leave one frozen, which would hang every writer);
-- re-attaches the loop device of every volume recorded as staged whose device
-  is gone (after a reboot), so the kubelet's NodeStage finds it and mounts the
-  data again; the record's device path is updated.
+- asks the pool of every volume recorded as staged to make it reachable again
+  (``Pool.recover``): for block-device kinds that thaws the staging mount (a
+  crash during a snapshot can leave one frozen, which would hang every
+  writer) and re-attaches a loop device that is gone (after a reboot), so the
+  kubelet's NodeStage finds it and mounts the data again; the record's device
+  path is updated.
 
 What it reports (log lines, ``csi-driver pools``, the hostkit_csi_orphans gauge):
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from csi_driver import filesystems, mounts
+from csi_driver import mounts
 from csi_driver.pools.base import Orphan
 from csi_driver.store import CREATING, DELETING, Store
 from csi_driver.volumes import VolumeService
@@ -75,17 +76,11 @@ def reconcile(volumes: VolumeService) -> list[Orphan]:
             continue
         try:
             with volumes.locks.hold(f"vol:{rec.id}"):
-                if not rec.staging.block and mounts.is_mountpoint(rec.staging.path):
-                    filesystems.thaw(rec.staging.path)
-                device = pool.attached_device(rec)
+                device = pool.recover(rec)
                 if device is None:
-                    if not pool.backing_exists(rec):
-                        log.error("volume %s is staged but its backing is gone", rec.id,
-                                  extra={"volume_id": rec.id})
-                        continue
-                    device = pool.attach(rec)
-                    log.info("re-attached staged volume %s as %s", rec.id, device,
-                             extra={"volume_id": rec.id})
+                    log.error("volume %s is staged but its backing is gone", rec.id,
+                              extra={"volume_id": rec.id})
+                    continue
                 if rec.staging.device != device:
                     rec.staging.device = device
                     store.put_volume(rec)

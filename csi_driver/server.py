@@ -18,8 +18,10 @@ from csi_driver.config import DriverConfig
 from csi_driver.controller_service import ControllerServicer
 from csi_driver.identity_service import IdentityServicer
 from csi_driver.node_service import NodeServicer
+from csi_driver.node_volumes import NodeVolumes
 from csi_driver.pools import build_pools
 from csi_driver.pools.base import Orphan
+from csi_driver.provisioning import Provisioner
 from csi_driver.snapshots import SnapshotService
 from csi_driver.store import Store
 from csi_driver.volumes import VolumeService
@@ -49,6 +51,8 @@ class Driver:
         self.store = Store(state_dir)
         self.pools = build_pools(config, state_dir)
         self.volumes = VolumeService(config, node_id, self.store, self.pools)
+        self.provisioner = Provisioner(self.volumes)
+        self.node = NodeVolumes(self.volumes, self.provisioner)
         self.snapshots = SnapshotService(self.volumes)
         self.orphans: list[Orphan] = []
         self._prepared = threading.Event()
@@ -64,10 +68,10 @@ class Driver:
             IdentityServicer(self.ready), server
         )
         pb_grpc.add_ControllerServicer_to_server(  # type: ignore[no-untyped-call]
-            ControllerServicer(self.volumes, self.snapshots), server
+            ControllerServicer(self.provisioner, self.snapshots), server
         )
         pb_grpc.add_NodeServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(self.volumes, self.config.max_volumes_per_node), server
+            NodeServicer(self.node, self.config.max_volumes_per_node), server
         )
 
     def prepare(self) -> None:

@@ -1,13 +1,14 @@
-"""Snapshots: consistent copies of a volume's image, and the rules of the snapshot RPCs.
+"""Snapshots: the rules of the snapshot RPCs, and quiescing a source while it is copied.
 
-A snapshot is a file copy of the volume's image in the pool's ``snapshots/``
-directory: a reflink (FICLONE) where the pool filesystem shares extents (xfs,
-btrfs), a sparse copy (SEEK_DATA/SEEK_HOLE + copy_file_range) otherwise.  When
-the source is staged with a filesystem, it is frozen (FIFREEZE on the staging
-mount) for the duration of the copy, so the snapshot is a consistent,
-journal-clean filesystem; clones of a staged volume are taken the same way.
+How a snapshot is made is the pool's (``Pool.take_snapshot``): for image pools
+a file copy of the volume's image in the pool's ``snapshots/`` directory (a
+reflink where the pool filesystem shares extents, a sparse copy otherwise).
+When the kind's snapshots are not atomic and the source is staged with a
+filesystem, it is frozen (FIFREEZE on the staging mount) for the duration of
+the copy, so the snapshot is a consistent, journal-clean filesystem; clones of
+a staged volume are taken the same way.
 
-Snapshots are independent files: they survive the deletion of their source
+Snapshots are independent of their source: they survive the deletion of their source
 volume, and restoring one copies it into a new volume of the same or a larger
 size (the filesystem grows at that volume's first stage).  CreateSnapshot is
 idempotent on the name (same name + same source = the same snapshot, other
@@ -18,27 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping
 
 from csi_driver import filesystems
 from csi_driver.faults import crash_point
-from csi_driver.pools.imagefile import build_image
 from csi_driver.store import (
     CREATING,
     DELETING,
     READY,
     SnapshotRecord,
     VolumeRecord,
-    fsync_dir,
     is_valid_id,
     new_snapshot_id,
-    remove_durably,
     validate_name,
 )
-from csi_driver.volumes import VolumeService, _parse_token
-from plugin_runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from csi_driver.volumes import VolumeService, parse_token
+from plugin_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +127,21 @@ class SnapshotService:
 
     def _copy(self, src: VolumeRecord, snap: SnapshotRecord) -> None:
         pool = self.volumes.pool_of(src)
-        source = pool.format_target(src)
-        directory = os.path.dirname(snap.backing)
-        partial = _partial_path(snap)
-        for leftover in (snap.backing, partial):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        with self.frozen_source(src):
-            build_image(partial, 0, True, source, f"snapshot {snap.id}")
-        os.rename(partial, snap.backing)
-        fsync_dir(directory)
+        quiesce = (contextlib.nullcontext() if pool.atomic_snapshots
+                   else self.frozen_source(src))
+        pool.take_snapshot(src, snap, quiesce)
+
+    def _remove_data(self, snap: SnapshotRecord) -> None:
+        pool = self.volumes.pools.get(snap.pool)
+        if pool is None:
+            raise FailedPrecondition(
+                f"snapshot {snap.id} is in pool {snap.pool!r}, which is not configured on "
+                "this node; configure the pool again to delete it"
+            )
+        pool.remove_snapshot(snap)
 
     def _drop(self, snap: SnapshotRecord) -> None:
-        _remove_images(snap)
+        self._remove_data(snap)
         self.store.remove_snapshot(snap.id)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
@@ -158,7 +157,7 @@ class SnapshotService:
                 snap.state = DELETING
                 self.store.put_snapshot(snap)
             crash_point("delete_snapshot.after_mark")
-            _remove_images(snap)
+            self._remove_data(snap)
             crash_point("delete_snapshot.after_remove_image")
             self.store.remove_snapshot(snapshot_id)
             log.info("deleted snapshot %s (%s)", snap.id, snap.name)
@@ -185,18 +184,7 @@ class SnapshotService:
             snaps = [s for s in snaps if s.id == snapshot_id]
         if source_volume_id:
             snaps = [s for s in snaps if s.source_volume == source_volume_id]
-        start = _parse_token(starting_token, len(snaps))
+        start = parse_token(starting_token, len(snaps))
         end = len(snaps) if max_entries == 0 else min(len(snaps), start + max_entries)
         return snaps[start:end], (str(end) if end < len(snaps) else "")
 
-
-def _partial_path(snap: SnapshotRecord) -> str:
-    """Where ``_copy`` builds the image before renaming it to ``snap.backing``."""
-    return os.path.join(os.path.dirname(snap.backing), f".{snap.id}.img.partial")
-
-
-def _remove_images(snap: SnapshotRecord) -> None:
-    """Remove the snapshot's image and any partial copy; absent is fine."""
-    for path in (snap.backing, _partial_path(snap)):
-        if path:
-            remove_durably(path)

@@ -94,6 +94,11 @@ class Staging:
     access_mode: str = ""
     device: str = ""
 
+    @property
+    def read_only(self) -> bool:
+        """Staged for SINGLE_NODE_READER_ONLY: the stage is mounted read-only."""
+        return self.access_mode == "SINGLE_NODE_READER_ONLY"
+
 
 @dataclass
 class Publication:

@@ -91,6 +91,9 @@ SECTIONS: dict[str, Section] = {
                    "this only repairs a missed event."),
             Option("cdi", "mapping (see `cdi`)", {},
                    "Container Device Interface output, off by default."),
+            Option("dra", "mapping (see `dra`)", {},
+                   "Dynamic Resource Allocation: the driver that publishes the resources "
+                   "marked `dra: true` as ResourceSlices."),
             Option("resources", "list of resource", [],
                    "The extended resources to advertise, one kubelet endpoint each."),
         ),
@@ -108,6 +111,21 @@ SECTIONS: dict[str, Section] = {
             Option("enabled", "boolean", False, "Write CDI specs and answer with CDI names."),
             Option("dir", "absolute path", "/var/run/cdi", "Where spec files are written."),
             Option("vendor", "string", "<domain>", "CDI vendor; defaults to `domain`."),
+        ),
+    ),
+    "dra": Section(
+        "dra",
+        "dra",
+        "Resources marked `dra: true` are published as ResourceSlices (API group "
+        "`resource.k8s.io/v1`) instead of being registered as extended resources: one pool "
+        "per resource and node, named `<node>-<resource short name>`, one device per unit "
+        "with udev/sysfs attributes under the driver's name as CEL domain "
+        "(`device.attributes[\"<driver>\"].<id>`).  The API client is loaded only when "
+        "some resource uses DRA.",
+        (
+            Option("driver", "string (DNS subdomain, at most 63)", "<domain>",
+                   "DRA driver name (`spec.driver` of the slices and DeviceClass "
+                   "selectors); defaults to `domain`."),
         ),
     ),
     "resource": Section(
@@ -149,6 +167,14 @@ SECTIONS: dict[str, Section] = {
             Option("pre_start", "mapping (see `pre_start`)", None,
                    "Checks run before each container start; PreStartContainer is "
                    "advertised only when one is enabled."),
+            Option("dra", "boolean", False,
+                   "Serve the resource through Dynamic Resource Allocation (ResourceSlices, "
+                   "see `dra`) instead of the device plugin API."),
+            Option("device_plugin", "boolean", "<not dra>",
+                   "Serve the resource through the device plugin API.  A resource is served "
+                   "by one API only (the kubelet would hand a device out twice): `true` "
+                   "together with `dra: true` is refused, naming the resource; `share` and "
+                   "`pre_start` are device plugin options and are refused with `dra`."),
         ),
     ),
     "matcher": Section(
@@ -299,6 +325,11 @@ class CdiConfig:
 
 
 @dataclass(frozen=True)
+class DraConfig:
+    driver: str = "hostkit.io"
+
+
+@dataclass(frozen=True)
 class ResourceConfig:
     name: str
     match: tuple[Matcher, ...]
@@ -312,6 +343,8 @@ class ResourceConfig:
     health: HealthProbe | None = None
     cdi: bool = False
     pre_start: PreStart | None = None
+    # Served through DRA (ResourceSlices) rather than the device plugin API.
+    dra: bool = False
 
     @property
     def short_name(self) -> str:
@@ -330,6 +363,18 @@ class Config:
     cdi: CdiConfig = field(default_factory=CdiConfig)
     resources: tuple[ResourceConfig, ...] = ()
     source: str = "<embedded default>"
+    dra: DraConfig = field(default_factory=DraConfig)
+
+    @property
+    def dra_enabled(self) -> bool:
+        """Whether some resource is served through DRA (the API client is needed)."""
+        return any(r.dra for r in self.resources)
+
+    def device_plugin_resources(self) -> tuple[ResourceConfig, ...]:
+        return tuple(r for r in self.resources if not r.dra)
+
+    def dra_resources(self) -> tuple[ResourceConfig, ...]:
+        return tuple(r for r in self.resources if r.dra)
 
     def subsystems(self) -> frozenset[str] | None:
         """Subsystems discovery must watch; None when some matcher has none (watch all)."""
@@ -669,6 +714,24 @@ def _resource(raw: object, path: str, domain: str, cdi_default: bool) -> Resourc
         raise ConfigError(f"{r.at('container_path')}: must be an absolute path template, "
                           f"got {container!r}")
     cdi = r.boolean("cdi")
+    dra = r.boolean("dra")
+    device_plugin = r.boolean("device_plugin") if r.has("device_plugin") else not dra
+    if dra and device_plugin:
+        raise ConfigError(
+            f"{path}: resource {full!r} is served through both the device plugin API and DRA "
+            "(device_plugin: true and dra: true); the kubelet would hand the same device out "
+            "twice: choose one"
+        )
+    if not dra and not device_plugin:
+        raise ConfigError(f"{r.at('device_plugin')}: resource {full!r} is served by no API "
+                          "(device_plugin: false without dra: true)")
+    if dra:
+        if r.has("share") and r.raw["share"] != 1:
+            raise ConfigError(f"{r.at('share')}: resource {full!r} uses DRA, where a device "
+                              "is allocated whole; share is a device plugin option")
+        if r.has("pre_start"):
+            raise ConfigError(f"{r.at('pre_start')}: resource {full!r} uses DRA; pre_start "
+                              "is a device plugin option")
     return ResourceConfig(
         name=full,
         match=matches,
@@ -682,6 +745,7 @@ def _resource(raw: object, path: str, domain: str, cdi_default: bool) -> Resourc
         health=_health(r.raw["health"], r.at("health")) if r.has("health") else None,
         cdi=cdi_default if cdi is None else cdi,
         pre_start=pre_start,
+        dra=dra,
     )
 
 
@@ -702,6 +766,13 @@ def parse_config(raw: object, source: str = "<memory>") -> Config:
         dir=_absolute_path(c.string("dir"), "cdi.dir"),
         vendor=vendor,
     )
+    d = _Reader(r.value("dra"), "dra", "dra")
+    driver = d.string("driver")
+    driver = domain if driver == "<domain>" else driver
+    problem = dns_subdomain_problem(driver)
+    if problem or len(driver) > 63:
+        raise ConfigError(f"dra.driver: {driver!r} "
+                          f"{problem or 'must be at most 63 characters'}")
     resources = tuple(
         _resource(item, p, domain, cdi.enabled) for p, item in r.items("resources")
     )
@@ -718,6 +789,7 @@ def parse_config(raw: object, source: str = "<memory>") -> Config:
         cdi=cdi,
         resources=resources,
         source=source,
+        dra=DraConfig(driver=driver),
     )
 
 

@@ -146,11 +146,22 @@ class AttributeNeeds:
 # identity._usb_identity); NUMA topology is read separately (sysfs.numa_node).
 IDENTITY_ANCESTOR_ATTRIBUTES = frozenset({"serial", "idVendor", "idProduct",
                                           "bInterfaceNumber"})
+# Read in addition when some resource is served through DRA: what device_plugin.slices
+# publishes as device attributes and capacity.
+DRA_DEVICE_ATTRIBUTES = frozenset({"size", "ro", "removable", "loop/backing_file"})
+DRA_ANCESTOR_ATTRIBUTES = frozenset({
+    "idVendor", "idProduct", "serial", "manufacturer", "product", "busnum", "devnum",
+    "version", "speed", "vendor", "device", "subsystem_vendor", "subsystem_device", "class",
+    "revision", "model",
+})
 
 
 def attribute_needs(config: Config) -> AttributeNeeds:
     device: set[str] = set(IDENTITY_ANCESTOR_ATTRIBUTES)
     ancestor: set[str] = set(IDENTITY_ANCESTOR_ATTRIBUTES)
+    if config.dra_enabled:
+        device |= DRA_DEVICE_ATTRIBUTES
+        ancestor |= DRA_ANCESTOR_ATTRIBUTES
     for res in config.resources:
         for m in res.match:
             device.update(k for k, _ in m.attributes)

@@ -21,7 +21,14 @@ layers update the same series.  Names and who updates them:
   layer, snapshots not sent because they pass the kubelet's 4 MiB limit;
 * ``hostkit_device_plugin_config_reloads_total{result}`` (counter, ``success``/
   ``failure``), ``hostkit_device_plugin_config_last_reload_success`` (gauge 1/0),
-  ``hostkit_device_plugin_config_last_reload_timestamp_seconds`` (gauge) - reload.
+  ``hostkit_device_plugin_config_last_reload_timestamp_seconds`` (gauge) - reload;
+* ``hostkit_dra_slice_writes_total{operation}`` (counter: ``create``/``update``/
+  ``delete``), ``hostkit_dra_slice_publish_failures_total`` (counter) and
+  ``hostkit_dra_uevent_to_slice_seconds`` (histogram: first uevent of a burst to the
+  ResourceSlice write acknowledged) - the DRA slice publisher;
+* ``hostkit_device_plugin_held_devices_vanished{resource}`` (gauge) - collected on
+  each scrape by ``podresources.HeldVanishedCollector``: devices the kubelet reports as
+  held by a container that are no longer present.
 """
 
 from __future__ import annotations
@@ -83,6 +90,21 @@ CONFIG_LAST_RELOAD_SUCCESS = Gauge(
 CONFIG_LAST_RELOAD_TIMESTAMP = Gauge(
     "hostkit_device_plugin_config_last_reload_timestamp_seconds",
     "Unix time of the last configuration reload attempt",
+)
+
+SLICE_WRITES = Counter(
+    "hostkit_dra_slice_writes_total",
+    "ResourceSlice writes by operation (create, update, delete)",
+    ["operation"],
+)
+SLICE_PUBLISH_FAILURES = Counter(
+    "hostkit_dra_slice_publish_failures_total",
+    "Publishing rounds that failed and were retried",
+)
+UEVENT_TO_SLICE = Histogram(
+    "hostkit_dra_uevent_to_slice_seconds",
+    "Time from reading a uevent to the ResourceSlice write acknowledged by the API server",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
 )
 
 

@@ -121,6 +121,25 @@ class DiscoveredDevice:
         }
 
 
+def _rows(state: ResourceState) -> list[DiscoveredDevice]:
+    return [
+        DiscoveredDevice(
+            resource=state.name,
+            id=unit.id,
+            nodes=unit.nodes,
+            health=HEALTHY if unit.healthy else UNHEALTHY,
+            numa_nodes=unit.numa_nodes,
+            reason=unit.reason,
+        )
+        for unit in state.snapshot().units
+    ]
+
+
+def catalog_devices(catalog: Catalog) -> list[DiscoveredDevice]:
+    """What the running daemon offers now, as ``discover`` rows (no enumeration)."""
+    return [row for state in catalog.resources().values() for row in _rows(state)]
+
+
 def discover(config: Config | str | Path | None = None) -> list[DiscoveredDevice]:
     """What would be advertised now: enumerate once and build every resource's snapshot.
 
@@ -135,17 +154,9 @@ def discover(config: Config | str | Path | None = None) -> list[DiscoveredDevice
     for res in cfg.resources:
         state = ResourceState(res, cdi=None)
         state.update_devices(devices)
-        for unit in state.snapshot().units:
-            rows.append(DiscoveredDevice(
-                resource=res.name,
-                id=unit.id,
-                nodes=unit.nodes,
-                health=HEALTHY if unit.healthy else UNHEALTHY,
-                numa_nodes=unit.numa_nodes,
-                reason=unit.reason,
-            ))
+        rows.extend(_rows(state))
         metrics.forget_resource(res.name)
     return rows
 
 
-__all__ = ["DevicePluginDomain", "DiscoveredDevice", "discover"]
+__all__ = ["DevicePluginDomain", "DiscoveredDevice", "catalog_devices", "discover"]

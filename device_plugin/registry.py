@@ -80,7 +80,13 @@ def options_for(config: ResourceConfig) -> ResourceOptions:
 class ResourceState:
     """One extended resource (implements ``device_plugin.model.Resource``)."""
 
-    def __init__(self, config: ResourceConfig, cdi: CdiWriter | None = None) -> None:
+    def __init__(
+        self, config: ResourceConfig, cdi: CdiWriter | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        # Called (outside the lock, must not block) when the units or the snapshot
+        # changed: the DRA slice publisher's wake-up (Catalog.subscribe).
+        self._on_change = on_change
         self._cond = threading.Condition()
         self._config = config
         self._cdi = cdi
@@ -214,6 +220,7 @@ class ResourceState:
             if ticket < self._published_ticket:
                 return False  # a newer inventory/config was published meanwhile
             self._published_ticket = ticket
+            changed_units = units != self._units
             self._units = units
             self._by_id = by_id
             changed_snapshot = new_units != self._snapshot.units
@@ -227,6 +234,8 @@ class ResourceState:
             cdi = self._cdi
         if cdi is not None and config.cdi:
             self._write_cdi(cdi, ticket, config, units)
+        if (changed_units or changed_snapshot) and self._on_change is not None:
+            self._on_change()
         if not changed_snapshot:
             return False
         if event_monotonic is not None:
@@ -284,8 +293,18 @@ class Catalog:
         self._config = config
         self._devices: tuple[DeviceInfo, ...] = ()
         self._cdi = self._writer(config)
+        self._listeners: list[Callable[[], None]] = []
         for res in config.resources:
-            self._resources[res.name] = ResourceState(res, self._cdi)
+            self._resources[res.name] = ResourceState(res, self._cdi, self._notify)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (a non-blocking wake-up) after any change of a resource's
+        units, snapshot or configuration, or of the set of resources."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
 
     @staticmethod
     def _writer(config: Config) -> CdiWriter:
@@ -336,9 +355,10 @@ class Catalog:
             added = [r for r in config.resources if r.name not in old]
             removed = [s for name, s in old.items() if name not in {r.name for r in
                                                                      config.resources}]
-            options_changed = any(options_for(r) != old[r.name].options for r in changed)
+            options_changed = any(options_for(r) != old[r.name].options
+                                  or r.dra != old[r.name].config.dra for r in changed)
             for res in config.resources:
-                new[res.name] = old.get(res.name) or ResourceState(res, cdi)
+                new[res.name] = old.get(res.name) or ResourceState(res, cdi, self._notify)
             self._resources = new
             self._config = config
             self._cdi = cdi
@@ -357,6 +377,7 @@ class Catalog:
             with self._cond:
                 self._generation += 1
                 self._cond.notify_all()
+        self._notify()
         log.info("configuration %s applied: %d added, %d changed, %d removed", config.source,
                  len(added), len(changed), len(removed))
         return bump
@@ -365,3 +386,27 @@ class Catalog:
         """Shutdown: remove every CDI spec this catalog wrote."""
         for state in self.resources().values():
             state.close()
+
+
+class DevicePluginView:
+    """The catalog as the device-plugin wire layer sees it: only the resources NOT
+    served through DRA (implements ``device_plugin.model.ResourceCatalog``).
+
+    A resource is served by one API only; the DRA side reads the same ``Catalog``
+    (``Catalog.resources()`` holds both kinds, so discovery and health serve both).
+    Switching a resource between the APIs bumps the catalog generation, so the
+    device-plugin endpoints follow a reload."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def resources(self) -> Mapping[str, ResourceState]:
+        return {n: s for n, s in self._catalog.resources().items() if not s.config.dra}
+
+    def wait_for_catalog_change(
+        self, seen_generation: int, stop: threading.Event, timeout: float | None = None
+    ) -> int:
+        return self._catalog.wait_for_catalog_change(seen_generation, stop, timeout)
+
+    def wake(self) -> None:
+        self._catalog.wake()

@@ -324,6 +324,13 @@ class DevicePluginServicer(api.DevicePluginServicer):  # type: ignore[misc]
             with _numbered(index, many):
                 grant = self._resource.allocate(list(creq.devices_ids))
             _fill_container_response(response.container_responses.add(), grant)
+        # Each grant is a container getting devices: INFO, once the whole request is
+        # answered (a request refused halfway granted nothing).
+        for index, creq in enumerate(request.container_requests):
+            ids = list(creq.devices_ids)
+            log.info("Allocate %s: container request %d of %d granted devices %s",
+                     self._resource.name, index + 1, len(request.container_requests),
+                     ", ".join(ids), extra={"resource": self._resource.name, "device_ids": ids})
         if self._on_allocate is not None:
             self._on_allocate(len(request.container_requests))
         return response

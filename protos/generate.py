@@ -27,6 +27,9 @@ SCHEMAS: list[tuple[str, str, str]] = [
     ("device_plugin/_proto/deviceplugin", "protos/deviceplugin/v1beta1", "api.proto"),
     ("device_plugin/_proto/podresources", "protos/podresources/v1", "api.proto"),
     ("plugin_runtime/_proto/pluginregistration", "protos/pluginregistration/v1", "api.proto"),
+    ("device_plugin/dra/_proto/v1", "protos/dra/v1", "api.proto"),
+    ("device_plugin/dra/_proto/v1beta1", "protos/dra/v1beta1", "api.proto"),
+    ("device_plugin/dra/_proto/health", "protos/dra-health/v1alpha1", "api.proto"),
     ("csi_driver/_proto", "protos/csi/v1", "csi.proto"),
 ]
 

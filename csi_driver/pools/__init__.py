@@ -1,4 +1,4 @@
-"""Pools: where volume backing comes from (image files, whole disks).
+"""Pools: the kinds of volume (image files, whole disks, btrfs subvolumes).
 
 ``build_pools`` turns the validated configuration into pool objects; the
 ``Pool`` protocol in ``base`` is all the VolumeService sees of them.  It is
@@ -15,10 +15,16 @@ from csi_driver.pools.imagefile import ImagePool
 
 def build_pools(config: DriverConfig, state_dir: str) -> list[Pool]:
     pools: list[Pool] = []
-    image_dirs = tuple(pc.path for pc in config.pools if pc.type == "image")
+    # Directories holding volumes: a disk pool never takes a disk (or a loop device
+    # backed by a file) under one of them.
+    image_dirs = tuple(pc.path for pc in config.pools if pc.type in ("image", "subvolume"))
     for pc in config.pools:
         if pc.type == "image":
             pools.append(ImagePool(pc))
+        elif pc.type == "subvolume":
+            from csi_driver.pools.subvolume import SubvolumePool
+
+            pools.append(SubvolumePool(pc))
         else:
             from csi_driver.pools.disk import DiskPool
 

@@ -1,9 +1,19 @@
-"""What a pool is to the VolumeService, and the capacity arithmetic all pools share.
+"""What a pool is to the volume services, and the capacity arithmetic all pools share.
 
-A pool owns the *backing* of volumes (an image file, or a whole disk) and how
-that backing becomes a block device on this node.  It knows nothing about
-names, idempotency, staging or publications: those rules live in
-``csi_driver.volumes``.  Every method is idempotent on the record it is given.
+A pool is one *kind* of volume: it owns everything that differs between kinds
+(how a volume is made, copied, grown, snapshotted, reached on the node,
+mounted and measured).  It knows nothing about names, idempotency, staging
+records or publications: those rules live in ``csi_driver.provisioning``
+(controller side) and ``csi_driver.node_volumes`` (node side), which talk to
+every kind through the ``Pool`` protocol below.  Every method is idempotent on
+the record it is given.
+
+Kinds today: volumes that are block devices with a filesystem of their own
+(``image`` files on loop devices, whole ``disk``s; their node side is shared in
+``pools.devices``).  A kind whose volumes share the pool's filesystem (btrfs
+subvolumes; later directories with a project quota on xfs/ext4) implements the
+same protocol with ``own_filesystem = False``: no attach, bind mounts for
+staging, the limit in the filesystem's quota, no node step on expansion.
 
 Capacity is reported honestly (``compute_capacity``):
 
@@ -18,12 +28,14 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from csi_driver import filesystems
+from csi_driver import filesystems, mounts
 from csi_driver.config import PoolConfig
-from csi_driver.store import VolumeRecord
+from csi_driver.store import SnapshotRecord, Staging, VolumeRecord
 
 GIB = 1 << 30
 
@@ -93,6 +105,45 @@ class Orphan:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Condition:
+    """VolumeCondition: abnormal or not, and why."""
+
+    abnormal: bool
+    message: str
+
+
+HEALTHY = Condition(False, "healthy")
+
+
+@dataclass(frozen=True)
+class VolumeUsage:
+    """NodeGetVolumeStats figures (bytes only for raw block volumes)."""
+
+    block: bool
+    bytes_total: int
+    bytes_used: int = 0
+    bytes_available: int = 0
+    inodes_total: int = 0
+    inodes_used: int = 0
+    inodes_free: int = 0
+
+
+class MountOwner(Protocol):
+    """Tells the mounts of one volume from every other mount of the node."""
+
+    device: str  # the block device of the volume ("" for kinds without one)
+
+    def matches(self, entry: mounts.MountEntry) -> bool:
+        """True when ``entry`` is a mount of this volume (its stage or a publication)."""
+
+    def mounts(self) -> list[mounts.MountEntry]:
+        """Every mount of this volume on the node now."""
+
+
+SaveRecord = Callable[[VolumeRecord], None]
+
+
 class Pool(Protocol):
     """A source of volume backing.  All methods are idempotent on the record."""
 
@@ -102,6 +153,15 @@ class Pool(Protocol):
     supports_snapshots: bool
     shares_space: bool  # volumes share one filesystem's space (images), not whole disks
     alloc_lock: threading.Lock  # held across "check capacity, then allocate or grow"
+    # Each volume carries a filesystem of its own (made at create, grown on the node).
+    own_filesystem: bool
+    # The backing locator is not derivable from the volume id (which disk holds it):
+    # the record is made durable before the backing is written.
+    records_backing: bool
+    # Snapshots and clones are atomic by construction: no freeze of the source needed.
+    atomic_snapshots: bool
+    fs_types: tuple[str, ...]  # filesystems its volumes can carry (first: the kind's own)
+    parameters: tuple[str, ...]  # StorageClass parameters of this kind (checked below)
 
     def start(self) -> None:
         """Prepare the pool (directories, disk mounts); safe to call again."""
@@ -113,8 +173,11 @@ class Pool(Protocol):
     def ready(self) -> bool:
         """True once the pool can serve volumes."""
 
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
-        """Capacity figures given what is already promised to volumes of this pool."""
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
+        """Capacity figures given what is already promised to volumes of this pool
+        (``provisioned`` bytes in total; ``records``: those volumes)."""
 
     def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
         """Create the backing of ``rec`` (size ``rec.capacity_bytes``), optionally with the
@@ -133,29 +196,72 @@ class Pool(Protocol):
         """Put ``rec.fs_type`` on the freshly allocated backing (idempotent: a backing
         that already carries that filesystem is left alone)."""
 
-    def format_target(self, rec: VolumeRecord) -> str:
-        """Path mkfs can format without attaching (image file or disk node)."""
+    def data_path(self, rec: VolumeRecord) -> str:
+        """Where the data of ``rec`` is read to copy it (image file, disk node)."""
+
+    def minimum_size(self, fs_type: str) -> int:
+        """The smallest volume of ``fs_type`` ("" = raw block) this pool can make."""
+
+    def check_access(self, block: bool) -> None:
+        """InvalidArgument when the pool cannot give volumes of that access type."""
+
+    def check_parameters(self, parameters: dict[str, str]) -> None:
+        """InvalidArgument naming a bad value of one of this kind's ``parameters``."""
 
     def grow(self, rec: VolumeRecord, new_size: int) -> int:
         """Grow the backing to at least ``new_size``; return the new size.
         OutOfRange when the medium cannot grow that far."""
 
-    def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
-        """Return the block device of ``rec``, attaching a loop device if needed (reusing
-        one already backed by the image).  ``checked``: the caller has just seen that
-        none is attached (under the volume's lock), so the lookup is skipped."""
-
-    def attached_device(self, rec: VolumeRecord) -> str | None:
-        """The block device of ``rec`` if it is attached now, else None."""
-
     def detach(self, rec: VolumeRecord) -> None:
-        """Detach every loop device backed by ``rec``'s image; none is fine."""
+        """Detach whatever makes ``rec`` reachable on the node (loop devices); none is fine."""
 
     def refresh(self, rec: VolumeRecord) -> None:
-        """Make the attached block device see the backing's current size."""
+        """Make what is attached see the backing's current size (a no-op if nothing is)."""
+
+    def needs_node_expansion(self, rec: VolumeRecord) -> bool:
+        """After the backing grew: must NodeExpandVolume finish the job (grow a mounted fs)?"""
 
     def snapshot_path(self, snapshot_id: str, source: VolumeRecord) -> str:
-        """Where the image of a snapshot of ``source`` lives in this pool."""
+        """Where the snapshot of ``source`` lives in this pool."""
+
+    def take_snapshot(
+        self, source: VolumeRecord, snap: SnapshotRecord,
+        quiesce: AbstractContextManager[None],
+    ) -> None:
+        """Make ``snap.backing`` a point-in-time copy of ``source`` (reading it inside
+        ``quiesce``, unless the kind's snapshots are atomic).  A partial copy left by a
+        crash is replaced; a complete one is never observed half-made."""
+
+    def remove_snapshot(self, snap: SnapshotRecord) -> None:
+        """Delete the snapshot's data and any partial copy; absent is fine."""
+
+    # ------------------------------------------------------------- node side
+    def stage(self, rec: VolumeRecord, staging: Staging, save: SaveRecord) -> str:
+        """Make ``rec`` reachable at ``staging.path`` (a mounted filesystem, or for block
+        access the device ready to bind); return its block device ("" if the kind has
+        none).  Repeating it is fine; a failed first stage leaves nothing attached.
+        ``save`` persists ``rec`` when the pool changed it (a filesystem grown)."""
+
+    def unstage(self, rec: VolumeRecord, path: str) -> None:
+        """Undo ``stage`` at ``path``; FailedPrecondition while other mounts of the volume
+        remain.  Not staged is fine."""
+
+    def owner(self, rec: VolumeRecord) -> MountOwner | None:
+        """What the mounts of ``rec`` look like; None when a staged volume cannot be
+        reached now (its loop device is gone)."""
+
+    def usage(self, rec: VolumeRecord, path: str, block: bool) -> VolumeUsage:
+        """NodeGetVolumeStats figures of ``rec`` published or staged at ``path``."""
+
+    def expand_on_node(self, rec: VolumeRecord, save: SaveRecord) -> None:
+        """NodeExpandVolume's part once the backing is grown (grow a mounted filesystem)."""
+
+    def condition(self, rec: VolumeRecord) -> Condition:
+        """VolumeCondition of ``rec`` (backing gone, detached, filesystem errors...)."""
+
+    def recover(self, rec: VolumeRecord) -> str | None:
+        """At start-up, make a volume recorded as staged reachable again (thaw a frozen
+        stage, re-attach its device); return its device, None when its backing is gone."""
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         """Backing found on the host that no record explains, and records without backing."""

@@ -11,7 +11,10 @@ Two modes (``mode`` in the pool config):
 - ``backing``: every matched disk is formatted with ``backing_fs_type`` (xfs
   or btrfs, so snapshots are reflinks), labelled as ours, and mounted under
   ``<state-dir>/disks/<disk-id>``; each mount is an image-file pool
-  (``ImagePool``) and a new volume goes to the disk with the most free space.
+  (``ImagePool``), or with ``volume_kind: subvolume`` (btrfs only) a subvolume
+  pool (``SubvolumePool``), and a new volume goes to the disk with the most
+  free space.  Everything about a volume is then its disk's pool's business:
+  this class only picks the disk.
 
 A disk is taken only if ``disks.unsafe_reason`` finds nothing wrong (no
 partitions, signature, holders, mounts; not the disk under /, the state dir
@@ -34,12 +37,23 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from csi_driver import disks, filesystems, mounts
 from csi_driver.config import PoolConfig
-from csi_driver.pools.base import Capacity, Orphan, compute_capacity
-from csi_driver.pools.imagefile import ImagePool
-from csi_driver.store import READY, VolumeRecord
+from csi_driver.pools.base import (
+    Capacity,
+    Condition,
+    MountOwner,
+    Orphan,
+    SaveRecord,
+    VolumeUsage,
+    compute_capacity,
+)
+from csi_driver.pools.devices import BlockDevicePool
+from csi_driver.pools.imagefile import ImagePool, remove_image_snapshot
+from csi_driver.pools.subvolume import SubvolumePool
+from csi_driver.store import READY, SnapshotRecord, Staging, VolumeRecord
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     FailedPrecondition,
@@ -76,8 +90,9 @@ def _fs_label(device: str) -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-class DiskPool:
+class DiskPool(BlockDevicePool):
     kind = "disk"
+    records_backing = True  # which disk holds a volume is not derivable from its id
 
     def __init__(
         self,
@@ -105,7 +120,15 @@ class DiskPool:
         self._disks: dict[str, disks.Disk] = {}  # present and (free or ours)
         self._refused: dict[str, str] = {}  # disk id -> why it is not used
         self._claimed: set[str] = set()  # volume mode: disk ids holding volumes
-        self._backing: dict[str, ImagePool] = {}  # backing mode: disk id -> image pool
+        # backing mode: disk id -> the pool on its filesystem
+        self._backing: dict[str, ImagePool | SubvolumePool] = {}
+        self._records: list[VolumeRecord] = []
+        self.subvolumes = self.mode == "backing" and config.volume_kind == "subvolume"
+        if self.subvolumes:
+            self.own_filesystem = False
+            self.atomic_snapshots = True
+            self.fs_types = SubvolumePool.fs_types
+            self.parameters = SubvolumePool.parameters
         self._watcher: disks.DiskWatcher | None = None
         self._ready = False
 
@@ -114,6 +137,7 @@ class DiskPool:
         """Remember which disks hold volumes (volume mode), before discovery starts."""
         with self._lock:
             self._claimed = {r.backing for r in records if r.pool == self.name and r.backing}
+            self._records = [r for r in records if r.pool == self.name]
 
     def start(self) -> None:
         if self._watcher is not None:
@@ -142,7 +166,7 @@ class DiskPool:
                 else:
                     self._refused[disk.disk_id] = reason
             if self.mode == "backing":
-                self._adopt_backing_mount(disk)
+                self._adopt_backing_mount(disk, inspect=True)
         self._ready = True
 
     def stop(self) -> None:
@@ -230,33 +254,49 @@ class DiskPool:
         mounts.mount(disk.devnode, target, self.config.backing_fs_type, ("noatime",))
         self._add_backing(disk, target)
 
-    def _adopt_backing_mount(self, disk: disks.Disk) -> bool:
+    def _adopt_backing_mount(self, disk: disks.Disk, *, inspect: bool = False) -> bool:
         target = os.path.join(self.mount_root, disk.disk_id)
         entry = mounts.find_mount(target) if os.path.isdir(target) else None
         if entry is None or entry.source != disk.devnode:
             return False
-        self._add_backing(disk, target)
+        self._add_backing(disk, target, inspect=inspect)
         return True
 
-    def _add_backing(self, disk: disks.Disk, target: str) -> None:
-        sub = ImagePool(self.config, path=target)
-        sub.start()
+    def _add_backing(self, disk: disks.Disk, target: str, *, inspect: bool = False) -> None:
+        sub: ImagePool | SubvolumePool
+        if self.subvolumes:
+            sub = SubvolumePool(self.config, path=target)
+            sub.adopt([r for r in self._records if r.backing.startswith(target + "/")])
+            if inspect:
+                sub.inspect()  # no quota changes from `csi-driver pools`
+            else:
+                sub.start()
+        else:
+            sub = ImagePool(self.config, path=target)
+            sub.start()
         with self._lock:
             self._disks[disk.disk_id] = disk
             self._backing[disk.disk_id] = sub
             self._refused.pop(disk.disk_id, None)
-        log.info("pool %s: disk %s backs images at %s", self.name, disk.devnode, target)
+        log.info("pool %s: disk %s backs %s at %s", self.name, disk.devnode,
+                 "subvolumes" if self.subvolumes else "images", target)
 
     # ------------------------------------------------------------ helpers
-    def _sub_of(self, rec: VolumeRecord) -> ImagePool:
+    def _sub_of(self, rec: VolumeRecord) -> ImagePool | SubvolumePool:
         with self._lock:
             subs = dict(self._backing)
         for sub in subs.values():
             if rec.backing.startswith(sub.path + "/") or (
-                not rec.backing and os.path.exists(sub.image_path(rec.id))
+                not rec.backing and os.path.exists(sub.data_path(rec))
             ):
                 return sub
         raise NotFound(f"the disk backing volume {rec.id} is not present")
+
+    def _image_sub_of(self, rec: VolumeRecord) -> ImagePool:
+        sub = self._sub_of(rec)
+        if not isinstance(sub, ImagePool):
+            raise FailedPrecondition(f"volume {rec.id} is a subvolume: it has no block device")
+        return sub
 
     def _disk_of(self, rec: VolumeRecord) -> disks.Disk:
         with self._lock:
@@ -277,10 +317,20 @@ class DiskPool:
                     for k, d in sorted(self._disks.items())]
             refused = [{"id": k, "state": "refused", "reason": r}
                        for k, r in sorted(self._refused.items())]
-        return {"mode": self.mode, "disks": used + refused}
+        detail: dict[str, object] = {"mode": self.mode, "disks": used + refused}
+        if self.subvolumes:
+            detail["volume_kind"] = "subvolume"
+            with self._lock:
+                subs = list(self._backing.values())
+            modes = sorted({str(sub.describe()["quota_mode"]) for sub in subs
+                            if isinstance(sub, SubvolumePool)})
+            detail["quota_mode"] = ", ".join(modes) or "unknown"
+        return detail
 
     # ----------------------------------------------------------- capacity
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
         if self.mode == "backing":
             with self._lock:
                 subs = list(self._backing.values())
@@ -289,12 +339,14 @@ class DiskPool:
                 t, f = sub.fs_stats()
                 total += t
                 free += f
+                if isinstance(sub, SubvolumePool):
+                    free -= sub.promised_to_thick(self._on(sub, records))
             cap = compute_capacity(
                 total=total, free=free, reserve_bytes=self.config.reserve_bytes,
                 reserve_percent=self.config.reserve_percent, thin=thin,
                 overcommit_ratio=self.config.overcommit_ratio, provisioned=provisioned)
-            biggest = max((sub.capacity(thin, 0).maximum_volume_bytes for sub in subs),
-                          default=0)
+            biggest = max((sub.capacity(thin, 0, self._on(sub, records)).maximum_volume_bytes
+                           for sub in subs), default=0)
             return Capacity(cap.total_bytes, cap.available_bytes,
                             min(cap.maximum_volume_bytes, biggest), cap.free_bytes,
                             cap.reserve_bytes, cap.provisioned_bytes)
@@ -369,9 +421,9 @@ class DiskPool:
             return
         filesystems.make_filesystem(self._disk_of(rec).devnode, rec.fs_type, check_empty=False)
 
-    def format_target(self, rec: VolumeRecord) -> str:
+    def data_path(self, rec: VolumeRecord) -> str:
         if self.mode == "backing":
-            return self._sub_of(rec).format_target(rec)
+            return self._sub_of(rec).data_path(rec)
         return self._disk_of(rec).devnode
 
     def grow(self, rec: VolumeRecord, new_size: int) -> int:
@@ -387,14 +439,14 @@ class DiskPool:
 
     def attach(self, rec: VolumeRecord, *, checked: bool = False) -> str:
         if self.mode == "backing":
-            return self._sub_of(rec).attach(rec, checked=checked)
+            return self._image_sub_of(rec).attach(rec, checked=checked)
         return self._disk_of(rec).devnode
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
         if self.mode == "backing":
             try:
-                return self._sub_of(rec).attached_device(rec)
-            except NotFound:
+                return self._image_sub_of(rec).attached_device(rec)
+            except (NotFound, FailedPrecondition):
                 return None
         with self._lock:
             disk = self._disks.get(rec.backing)
@@ -416,6 +468,107 @@ class DiskPool:
         if self.mode != "backing":
             raise FailedPrecondition(f"pool {self.name} does not support snapshots")
         return self._sub_of(source).snapshot_path(snapshot_id, source)
+
+    def take_snapshot(
+        self, source: VolumeRecord, snap: SnapshotRecord,
+        quiesce: AbstractContextManager[None],
+    ) -> None:
+        if self.mode != "backing":
+            raise FailedPrecondition(f"pool {self.name} does not support snapshots")
+        self._sub_of(source).take_snapshot(source, snap, quiesce)
+
+    def remove_snapshot(self, snap: SnapshotRecord) -> None:
+        with self._lock:
+            subs = list(self._backing.values())
+        for sub in subs:
+            if snap.backing.startswith(sub.path + "/"):
+                sub.remove_snapshot(snap)
+                return
+        if self.subvolumes and snap.backing:
+            raise FailedPrecondition(f"the disk holding snapshot {snap.id} is not present")
+        remove_image_snapshot(snap)
+
+    @staticmethod
+    def _on(sub: ImagePool | SubvolumePool, records: Sequence[VolumeRecord]
+            ) -> list[VolumeRecord]:
+        return [r for r in records if r.backing.startswith(sub.path + "/")]
+
+    # -------------------------------------------- subvolume volumes on the disks
+    # With volume_kind: subvolume the disks' pools decide what a volume is; the
+    # block-device behaviour inherited from BlockDevicePool applies otherwise.
+    def minimum_size(self, fs_type: str) -> int:
+        if self.subvolumes:
+            return self._template().minimum_size(fs_type)
+        return super().minimum_size(fs_type)
+
+    def _template(self) -> SubvolumePool:
+        """A subvolume pool object for the checks that need no disk."""
+        return SubvolumePool(self.config, path=self.mount_root)
+
+    def check_access(self, block: bool) -> None:
+        if self.subvolumes and block:
+            raise InvalidArgument(
+                f"pool {self.name} is a disk pool whose volumes are btrfs subvolumes "
+                "(volume_kind: subvolume): it cannot give raw block volumes; use a disk "
+                "pool in volume mode or an image pool for block access"
+            )
+
+    def check_parameters(self, parameters: dict[str, str]) -> None:
+        if self.subvolumes:
+            self._template().check_parameters(parameters)
+
+    def needs_node_expansion(self, rec: VolumeRecord) -> bool:
+        if self.subvolumes:
+            return False
+        return super().needs_node_expansion(rec)
+
+    def owner(self, rec: VolumeRecord) -> MountOwner | None:
+        if self.subvolumes:
+            try:
+                return self._sub_of(rec).owner(rec)
+            except NotFound:
+                return None
+        return super().owner(rec)
+
+    def stage(self, rec: VolumeRecord, staging: Staging, save: SaveRecord) -> str:
+        if self.subvolumes:
+            return self._sub_of(rec).stage(rec, staging, save)
+        return super().stage(rec, staging, save)
+
+    def unstage(self, rec: VolumeRecord, path: str) -> None:
+        if self.subvolumes:
+            try:
+                self._sub_of(rec).unstage(rec, path)
+            except NotFound:
+                mounts.unmount(path)  # the disk is gone: only the stage's mount is left
+            return
+        super().unstage(rec, path)
+
+    def usage(self, rec: VolumeRecord, path: str, block: bool) -> VolumeUsage:
+        if self.subvolumes:
+            return self._sub_of(rec).usage(rec, path, block)
+        return super().usage(rec, path, block)
+
+    def expand_on_node(self, rec: VolumeRecord, save: SaveRecord) -> None:
+        if self.subvolumes:
+            return
+        super().expand_on_node(rec, save)
+
+    def condition(self, rec: VolumeRecord) -> Condition:
+        if self.subvolumes:
+            try:
+                return self._sub_of(rec).condition(rec)
+            except NotFound as exc:
+                return Condition(True, str(exc))
+        return super().condition(rec)
+
+    def recover(self, rec: VolumeRecord) -> str | None:
+        if self.subvolumes:
+            try:
+                return self._sub_of(rec).recover(rec)
+            except NotFound:
+                return None
+        return super().recover(rec)
 
     def orphans(self, records: list[VolumeRecord], snapshot_paths: set[str]) -> list[Orphan]:
         found: list[Orphan] = []

@@ -21,11 +21,14 @@ import contextlib
 import errno
 import os
 import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from csi_driver import filesystems, loop
 from csi_driver.config import PoolConfig
 from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
-from csi_driver.store import READY, VolumeRecord, fsync_dir
+from csi_driver.pools.devices import BlockDevicePool
+from csi_driver.store import READY, SnapshotRecord, VolumeRecord, fsync_dir, remove_durably
 from plugin_runtime import commands
 from plugin_runtime.errors import (
     Internal,
@@ -60,10 +63,11 @@ def _fill(fd: int, size: int, thin: bool, what: str) -> None:
         raise Internal(f"cannot size {what} to {size} bytes: {exc.strerror}") from exc
 
 
-class ImagePool:
+class ImagePool(BlockDevicePool):
     kind = "image"
     supports_snapshots = True
     shares_space = True
+    records_backing = False  # volumes/<id>.img: derivable from the id
 
     def __init__(self, config: PoolConfig, path: str | None = None) -> None:
         self.name = config.name
@@ -98,7 +102,9 @@ class ImagePool:
         st = os.statvfs(self.path)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
-    def capacity(self, thin: bool, provisioned: int) -> Capacity:
+    def capacity(
+        self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
+    ) -> Capacity:
         total, free = self.fs_stats()
         return compute_capacity(
             total=total,
@@ -145,8 +151,17 @@ class ImagePool:
         commands.run(image_mkfs_argv(self.image_path(rec.id), rec.fs_type),
                      timeout=MKFS_TIMEOUT)
 
-    def format_target(self, rec: VolumeRecord) -> str:
+    def data_path(self, rec: VolumeRecord) -> str:
         return self.image_path(rec.id)
+
+    def take_snapshot(
+        self, source: VolumeRecord, snap: SnapshotRecord,
+        quiesce: AbstractContextManager[None],
+    ) -> None:
+        copy_image_snapshot(self.data_path(source), snap, quiesce)
+
+    def remove_snapshot(self, snap: SnapshotRecord) -> None:
+        remove_image_snapshot(snap)
 
     def grow(self, rec: VolumeRecord, new_size: int) -> int:
         path = self.image_path(rec.id)
@@ -258,3 +273,30 @@ def build_image(path: str, size: int, thin: bool, source: str | None, what: str)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
+
+
+def _partial_snapshot(snap: SnapshotRecord) -> str:
+    """Where a snapshot image is built before it is renamed to ``snap.backing``."""
+    return os.path.join(os.path.dirname(snap.backing), f".{snap.id}.img.partial")
+
+
+def copy_image_snapshot(
+    source: str, snap: SnapshotRecord, quiesce: AbstractContextManager[None]
+) -> None:
+    """Copy ``source`` (an image or a disk) to ``snap.backing`` through a partial file:
+    a reflink where the pool filesystem shares extents, a sparse copy otherwise."""
+    partial = _partial_snapshot(snap)
+    for leftover in (snap.backing, partial):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    with quiesce:
+        build_image(partial, 0, True, source, f"snapshot {snap.id}")
+    os.rename(partial, snap.backing)
+    fsync_dir(os.path.dirname(snap.backing))
+
+
+def remove_image_snapshot(snap: SnapshotRecord) -> None:
+    """Remove a snapshot image and any partial copy; absent is fine."""
+    if snap.backing:
+        for path in (snap.backing, _partial_snapshot(snap)):
+            remove_durably(path)

@@ -115,6 +115,9 @@ def test_build_stage_checks_stubs_then_builds_the_wheel() -> None:
     for pkg in packages:
         assert f"{pkg.rstrip('*')}/" in copied, f"package {pkg} not copied into the build"
     assert "protos/" in copied
+    sources = {src for keyword, args in build if keyword == "COPY" for src in args.split()[:-1]}
+    for name in ["pyproject.toml", "README.md", *PYPROJECT["project"]["license-files"]]:
+        assert name in sources, f"{name} is not copied into the build (the wheel needs it)"
 
 
 def test_runtime_installs_the_system_tools() -> None:

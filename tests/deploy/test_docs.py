@@ -85,7 +85,7 @@ def test_guide_device_examples_load_with_the_code() -> None:
 
 def test_guide_pool_examples_load_with_the_code() -> None:
     blocks = _yaml_blocks("pools")
-    assert len(blocks) == 2, "image pool and disk pool examples"
+    assert len(blocks) == 3, "image pool, disk pool and subvolume pool examples"
     for block in blocks:
         parsed = csi_driver.config.parse_config(yaml.safe_load(block), "/var/lib/hostkit-csi")
         assert parsed.pools, block

@@ -137,8 +137,10 @@ def test_examples_cover_the_issue() -> None:
     volumes = [v for p in pods for v in p["spec"].get("volumes", [])]
     assert any("ephemeral" in v for v in volumes), "generic ephemeral volume"
     assert any(c.get("volumeDevices") for p in pods for c in p["spec"]["containers"])
-    classes = {d["metadata"]["name"] for d in load_all(
-        (DAEMONSETS / "base" / "csi" / "storageclasses.yaml").read_text())}
+    classes = {d["metadata"]["name"] for f in (
+        DAEMONSETS / "base" / "csi" / "storageclasses.yaml",
+        DAEMONSETS / "components" / "subvolumes" / "storageclasses.yaml",
+    ) for d in load_all(f.read_text())}
     used = {p["spec"]["storageClassName"] for p in pvcs} | {
         v["ephemeral"]["volumeClaimTemplate"]["spec"]["storageClassName"]
         for v in volumes if "ephemeral" in v}
@@ -241,6 +243,31 @@ def test_without_snapshots_component(tmp_path: Path, default_docs: list[dict[str
     assert len(docs) == len(default_docs) - 3
 
 
+def test_subvolumes_component(tmp_path: Path, default_docs: list[dict[str, Any]]) -> None:
+    import csi_driver.config
+
+    docs = _with_component(tmp_path, "subvolumes")
+    classes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StorageClass"}
+    assert {"hostkit-subvol", "hostkit-subvol-nocow"} <= set(classes)
+    configs = [d for d in docs if d["kind"] == "ConfigMap"
+               and d["metadata"]["name"].startswith("hostkit-csi-config")]
+    assert len(configs) == 1
+    config = csi_driver.config.parse_config(yaml.safe_load(configs[0]["data"]["config.yaml"]))
+    kinds = {p.name: p.type for p in config.pools}
+    assert kinds == {"default": "image", "subvol": "subvolume"}
+    subvol = config.pool("subvol")
+    assert subvol is not None and subvol.path.startswith("/var/lib/hostkit-csi/"), \
+        "only the state dir is mounted into the driver"
+    for sc in classes.values():
+        assert sc["parameters"]["pool"] in kinds
+        assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+        assert set(sc["parameters"]) <= {"pool", "csi.storage.k8s.io/fstype", "fsType",
+                                         "thin", "nocow"}
+    assert classes["hostkit-subvol-nocow"]["parameters"]["nocow"] == "true"
+    # The DaemonSet mounts the config that names the subvolume pool.
+    assert len(docs) == len(default_docs) + 2
+
+
 def test_every_yaml_under_daemonsets_is_used() -> None:
     """A manifest nobody references would be neither deployed nor validated."""
     referenced: set[Path] = set()
@@ -252,6 +279,6 @@ def test_every_yaml_under_daemonsets_is_used() -> None:
             entries += [re.sub(r"^[^=]*=", "", f) for f in gen.get("files", [])]
         referenced |= {(kfile.parent / e).resolve() for e in entries}
     for path in DAEMONSETS.rglob("*.yaml"):
-        if path.name in KUSTOMIZE_FILES or path.parent.name == "examples":
+        if path.name in KUSTOMIZE_FILES or "examples" in path.relative_to(DAEMONSETS).parts:
             continue
         assert path.resolve() in referenced, f"{path.relative_to(ROOT)} is not referenced"

@@ -83,7 +83,7 @@ class Run:
         self.footprint.save()
         self.saved_logs: Path | None = None
 
-    def close(self, keep_logs: bool) -> list[str]:
+    def close(self, keep_logs: bool = False) -> list[str]:
         """Remove the directory (never across a mount) and return what leaked; the
         component logs are kept first with ``keep_logs`` (a test failed) or a leak."""
         host.unmount_under(self.directory)

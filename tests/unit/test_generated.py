@@ -29,7 +29,7 @@ def _lower_bound(dependencies: list[str], name: str) -> tuple[int, ...]:
 
 
 def _generated(pattern: str) -> list[Path]:
-    found = sorted(ROOT.glob(f"*/_proto/**/{pattern}"))
+    found = sorted(ROOT.glob(f"**/_proto/**/{pattern}"))
     assert found, f"no generated {pattern} files"
     return found
 
@@ -122,3 +122,44 @@ def test_registration_and_podresources_wire_names():
         "device_ids": 2,
         "topology": 3,
     }
+
+
+def _fields(module, message: str) -> dict[str, int]:
+    return {f.name: f.number for f in module.DESCRIPTOR.message_types_by_name[message].fields}
+
+
+def test_dra_plugin_wire_names():
+    from device_plugin.dra._proto.v1 import api_pb2 as v1
+    from device_plugin.dra._proto.v1beta1 import api_pb2 as v1beta1
+
+    for module, package in ((v1, "k8s.io.kubelet.pkg.apis.dra.v1"),
+                            (v1beta1, "k8s.io.kubelet.pkg.apis.dra.v1beta1")):
+        assert module.DESCRIPTOR.package == package
+        service = module.DESCRIPTOR.services_by_name["DRAPlugin"]
+        assert service.full_name == f"{package}.DRAPlugin"
+        assert [m.name for m in service.methods] == [
+            "NodePrepareResources", "NodeUnprepareResources"]
+        assert _fields(module, "Claim") == {"namespace": 1, "uid": 2, "name": 3}
+        assert _fields(module, "NodePrepareResourceResponse") == {"devices": 1, "error": 2}
+        assert _fields(module, "NodeUnprepareResourceResponse") == {"error": 1}
+        assert _fields(module, "NodePrepareResourcesResponse") == {"claims": 1}
+    base = {"request_names": 1, "pool_name": 2, "device_name": 3, "cdi_device_ids": 4}
+    assert _fields(v1beta1, "Device") == base
+    assert _fields(v1, "Device") == {**base, "share_id": 5}
+    share = v1.DESCRIPTOR.message_types_by_name["Device"].fields_by_name["share_id"]
+    assert share.has_presence  # proto3 optional
+
+
+def test_dra_health_wire_names():
+    from device_plugin.dra._proto.health import api_pb2 as health
+
+    assert health.DESCRIPTOR.package == "v1alpha1"
+    service = health.DESCRIPTOR.services_by_name["DRAResourceHealth"]
+    method = service.methods_by_name["NodeWatchResources"]
+    assert method.server_streaming and not method.client_streaming
+    assert _fields(health, "DeviceIdentifier") == {"pool_name": 1, "device_name": 2}
+    assert _fields(health, "DeviceHealth") == {
+        "device": 1, "health": 2, "last_updated_time": 3,
+        "health_check_timeout_seconds": 4, "message": 5,
+    }
+    assert dict(health.HealthStatus.items()) == {"UNKNOWN": 0, "HEALTHY": 1, "UNHEALTHY": 2}

@@ -21,6 +21,10 @@ WIRE_MODULES = frozenset(
         "device_plugin/servicer.py",
         "device_plugin/lifecycle.py",
         "device_plugin/cli.py",
+        "device_plugin/podresources.py",
+        "device_plugin/dra/api.py",
+        "device_plugin/dra/servicer.py",
+        "device_plugin/dra/lifecycle.py",
         "csi_driver/api.py",
         "csi_driver/identity_service.py",
         "csi_driver/controller_service.py",
@@ -124,3 +128,86 @@ def test_the_checker_catches_every_spelling():
     ]
     for source in good:
         assert forbidden_imports(source, where) == [], source
+
+
+# The two kubelet wire layers of the device plugin process: neither imports the other.
+DEVICE_PLUGIN_WIRE = ("device_plugin.api", "device_plugin.servicer", "device_plugin.lifecycle")
+DRA_WIRE = ("device_plugin.dra.api", "device_plugin.dra.servicer", "device_plugin.dra.lifecycle")
+
+
+def _imported_modules(relative: Path) -> list[str]:
+    package = _module_package(relative)
+    names: list[str] = []
+    tree = ast.parse((ROOT / relative).read_text(encoding="utf-8"), str(relative))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - (node.level - 1)] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names += [module] + [f"{module}.{a.name}" for a in node.names]
+    return names
+
+
+def _imports_any(relative: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return [m for m in _imported_modules(relative)
+            if any(m == p or m.startswith(p + ".") for p in prefixes)]
+
+
+def test_the_dra_and_device_plugin_wire_layers_do_not_import_each_other():
+    offenders = {}
+    for relative in _modules():
+        dotted = relative.with_suffix("").as_posix().replace("/", ".")
+        if dotted in DRA_WIRE:
+            found = _imports_any(relative, DEVICE_PLUGIN_WIRE)
+        elif dotted in DEVICE_PLUGIN_WIRE:
+            found = _imports_any(relative, ("device_plugin.dra",))
+        else:
+            continue
+        if found:
+            offenders[relative.as_posix()] = found
+    assert offenders == {}
+
+
+def test_the_dra_domain_imports_no_wire_module():
+    domain = [p for p in _modules() if p.parts[:2] == ("device_plugin", "dra")
+              and p.with_suffix("").as_posix().replace("/", ".") not in DRA_WIRE]
+    assert any(p.name == "prepare.py" for p in domain)
+    offenders = {p.as_posix(): found for p in domain
+                 if (found := _imports_any(p, DEVICE_PLUGIN_WIRE + DRA_WIRE))}
+    assert offenders == {}
+
+
+def test_the_api_client_is_imported_only_inside_functions():
+    """lightkube may be imported only where a DRA object is built, never at module level,
+    so importing any module of the daemon does not load it."""
+    offenders: dict[str, list[str]] = {}
+    for relative in _modules():
+        tree = ast.parse((ROOT / relative).read_text(encoding="utf-8"), str(relative))
+        for node in tree.body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            bad = [n for n in names if n.split(".")[0] == "lightkube"]
+            if bad:
+                offenders.setdefault(relative.as_posix(), []).extend(bad)
+    assert offenders == {}
+
+
+def test_the_device_plugin_process_does_not_load_the_api_client():
+    import subprocess
+    import sys
+
+    modules = sorted(p.with_suffix("").as_posix().replace("/", ".") for p in _modules()
+                     if p.parts[0] == "device_plugin" and p.name != "__main__.py")
+    code = ("import sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    __import__(m)\n"
+            "print(len(sys.argv) - 1,\n"
+            "      sorted(m for m in sys.modules if m.startswith('lightkube')))\n")
+    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True,
+                            text=True, timeout=120, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{len(modules)} []"

@@ -329,6 +329,8 @@ class DriverProcess:
     config: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)  # e.g. --metrics-address
+    module: str = "csi_driver"  # the ``python -m`` entry point (a test's own wrapper)
+    command_prefix: list[str] = field(default_factory=list)  # e.g. setpriv dropping a cap
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     starts: int = 0
@@ -351,7 +353,8 @@ class DriverProcess:
 
     def argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "csi_driver", "serve",
+            *self.command_prefix,
+            sys.executable, "-m", self.module, "serve",
             "--endpoint", f"unix://{self.socket}",
             "--node-id", self.node_id,
             "--state-dir", str(self.state_dir),
@@ -461,27 +464,86 @@ class DriverProcess:
         return cleanup_kernel_objects([self.kubelet_root, self.state_dir], self.state_dir)
 
 
+# The kinds of pool the lifecycle, fuzz and crash suites run against.
+POOL_KINDS = ("image", "subvolume")
+SUBVOLUME_POOL = "subvol"
+
+
+@contextlib.contextmanager
+def btrfs_mount(base: Path, size: int = 1 << 30) -> Iterator[Path]:
+    """A fresh btrfs at ``base/btrfs`` (mkfs on an image file, a loop device, a mount).
+
+    Torn down after, even on failure: every mount under it (deepest first), then
+    the loop device.  The driver's mounts of subvolumes must be gone first.
+    """
+    from csi_driver import loop, mounts
+    from plugin_runtime.errors import FailedPrecondition
+
+    image = base / "btrfs.img"
+    with open(image, "xb") as handle:
+        handle.truncate(size)
+    commands.run(["mkfs.btrfs", "-q", "-f", str(image)], timeout=120)
+    device = loop.attach(str(image))
+    point = base / "btrfs"
+    try:
+        point.mkdir()
+        mounts.mount(device, str(point), "btrfs", ())
+        yield point
+    finally:
+        for mounted in sorted(set(mounts_under(point)), key=len, reverse=True):
+            mounts.unmount(mounted)
+
+        def detached() -> bool:
+            try:
+                loop.detach(device)
+            except FailedPrecondition:
+                return False  # btrfs can hold the device a moment after its unmount
+            return True
+
+        assert wait_until(detached, 30.0), f"{device} stays busy after unmounting {point}"
+
+
+def subvolume_pool_config(fs: Path, **options: Any) -> dict[str, Any]:
+    return {"pools": [{"name": SUBVOLUME_POOL, "type": "subvolume", "path": str(fs / "pool"),
+                       **options}]}
+
+
 @contextlib.contextmanager
 def running_driver(
     node_id: str = "node-a", config: Callable[[Path], dict[str, Any]] | None = None,
     env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
+    module: str = "csi_driver", command_prefix: tuple[str, ...] = (),
+    pool_kind: str = "image", pool_options: dict[str, Any] | None = None,
 ) -> Iterator[DriverProcess]:
-    """A started driver in a fresh short /tmp dir; everything is cleaned up after."""
+    """A started driver in a fresh short /tmp dir; everything is cleaned up after.
+
+    ``pool_kind="subvolume"``: the driver's one pool is a subvolume pool on a btrfs
+    made for it, with ``pool_options`` (``config`` may not name pools then).
+    """
     base = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
     driver = DriverProcess(base=base, node_id=node_id, env=dict(env or {}),
-                           extra_args=list(extra_args))
-    if config is not None:
-        driver.config = config(base)
-    try:
-        driver.start()
-        yield driver
-    finally:
-        leftovers = driver.cleanup()
-        if leftovers:
-            print(f"cleaned after the driver in {base}: {leftovers}")
-        # Never delete through a mount that could not be removed.
-        if not mounts_under(base):
-            shutil.rmtree(base, ignore_errors=True)
+                           extra_args=list(extra_args), module=module,
+                           command_prefix=list(command_prefix))
+    with contextlib.ExitStack() as stack:
+        if config is not None:
+            driver.config = config(base)
+        if pool_kind == "subvolume":
+            fs = stack.enter_context(btrfs_mount(base))
+            assert driver.config is None or "pools" not in driver.config
+            driver.config = {**(driver.config or {}),
+                             **subvolume_pool_config(fs, **(pool_options or {}))}
+        else:
+            assert pool_kind == "image", pool_kind
+        try:
+            driver.start()
+            yield driver
+        finally:
+            leftovers = driver.cleanup()
+            if leftovers:
+                print(f"cleaned after the driver in {base}: {leftovers}")
+    # Never delete through a mount that could not be removed.
+    if not mounts_under(base):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

@@ -289,6 +289,25 @@ def test_unknown_objects_are_not_found(csi: Csi, kubelet: KubeletLayout, volume_
         expect_code(Code.NOT_FOUND, _call(csi, service, method), request)
 
 
+# Paths where no volume can be staged or published: relative, "..", outside the kubelet
+# root, a NUL byte.  The spec's NodeGetVolumeStats/NodeExpandVolume tables have one code
+# for a volume that does not exist at volume_path: NOT_FOUND, whatever the path looks like.
+ODD_PATHS = ["some/path", "../x", "/etc", "/var/lib/kubelet/pods/\0x"]
+
+
+@pytest.mark.parametrize("path", ODD_PATHS)
+@pytest.mark.parametrize("volume_id", FOREIGN_IDS)
+def test_stats_and_node_expand_of_unknown_volume_are_not_found_whatever_the_path(
+    csi: Csi, volume_id: str, path: str
+):
+    expect_code(Code.NOT_FOUND, csi.node.NodeGetVolumeStats,
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path))
+    expect_code(Code.NOT_FOUND, csi.node.NodeExpandVolume,
+                csi_pb2.NodeExpandVolumeRequest(
+                    volume_id=volume_id, volume_path=path,
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB)))
+
+
 def test_controller_expand_of_another_nodes_volume_defers_to_that_node(csi: Csi):
     """The elected resizer calls the driver beside it for every PVC: a volume whose ID
     carries another node's tag is grown by NodeExpandVolume on its own node."""

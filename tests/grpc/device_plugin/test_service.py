@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -103,6 +104,30 @@ def test_allocate_handles_several_container_requests(kubelet, run_manager):
         with pytest.raises(grpc.RpcError) as info:
             stub.Allocate(api.AllocateRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_allocate_logs_each_grant_at_info_with_resource_and_device_ids(
+    kubelet, run_manager, caplog
+):
+    run_manager(FakeResource(NAME, _units()))
+    channel, stub = _stub(kubelet)
+    caplog.set_level(logging.INFO, logger="device_plugin.servicer")
+    with channel:
+        request = api.AllocateRequest()
+        request.container_requests.add(devices_ids=["b", "a"])
+        request.container_requests.add(devices_ids=["d"])
+        stub.Allocate(request, timeout=5)
+        request.container_requests.add(devices_ids=["nope"])
+        with pytest.raises(grpc.RpcError):
+            stub.Allocate(request, timeout=5)  # refused: nothing granted, nothing logged
+    lines = [r for r in caplog.records if r.name == "device_plugin.servicer"]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.INFO, f"Allocate {NAME}: container request 1 of 2 granted devices b, a"),
+        (logging.INFO, f"Allocate {NAME}: container request 2 of 2 granted devices d"),
+    ]
+    assert [(getattr(r, "resource", None), getattr(r, "device_ids", None)) for r in lines] == [
+        (NAME, ["b", "a"]), (NAME, ["d"]),
+    ]
 
 
 def test_preferred_allocation_round_trip_and_unknown_ids(kubelet, run_manager):

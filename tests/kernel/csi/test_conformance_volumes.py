@@ -461,6 +461,15 @@ def test_node_get_volume_stats(make_vol: Any, kind: str, kubelet: KubeletLayout)
     expect_code(Code.NOT_FOUND, vol.csi.node.NodeGetVolumeStats,
                 csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.id,
                                                   volume_path=str(elsewhere / "missing")))
+    # A relative path cannot be where the volume is published -> NOT_FOUND (not
+    # INVALID_ARGUMENT), for stats and for node expansion alike.
+    for path in ("some/path", os.path.relpath(vol.target), "../x", "/etc"):
+        message = expect_code(Code.NOT_FOUND, vol.csi.node.NodeGetVolumeStats,
+                              csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.id,
+                                                                volume_path=path))
+        assert vol.id in message, message
+        expect_code(Code.NOT_FOUND, vol.csi.node.NodeExpandVolume,
+                    csi_pb2.NodeExpandVolumeRequest(volume_id=vol.id, volume_path=path))
 
 
 def _size_seen(kind: str, target: str) -> int:

@@ -23,6 +23,7 @@ restarted driver must thaw it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -40,14 +41,17 @@ from csi_driver._proto import csi_pb2
 from csi_driver.faults import CRASH_POINTS
 from plugin_runtime import commands
 from tests.grpc.csi.driver_harness import (
+    POOL_KINDS,
     Csi,
     DriverProcess,
     KubeletLayout,
     MiB,
+    btrfs_mount,
     expect_ok_or,
     loops_backed_by,
     mount_cap,
     mounts_under,
+    subvolume_pool_config,
 )
 
 POINTS: tuple[str, ...] = tuple(CRASH_POINTS)
@@ -75,6 +79,11 @@ class Scene:
     loops_before: list[str] = field(default_factory=list)
     fs_type: str = "ext4"
     create_kind: str = "mount"
+    pool_kind: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.pool_kind == "subvolume":
+            self.fs_type = ""  # the pool's own btrfs, whatever the scenario asks of images
 
     @property
     def size(self) -> int:
@@ -82,6 +91,8 @@ class Scene:
 
     @property
     def cap(self) -> Any:
+        if self.pool_kind == "subvolume":
+            return mount_cap()
         return XFS_CAP if self.fs_type == "xfs" else CAP
 
     @property
@@ -279,8 +290,13 @@ def _act_expand(s: Scene) -> None:
 
 
 def _verify_expand(s: Scene) -> None:
-    st = os.statvfs(s.target)
-    assert st.f_blocks * st.f_frsize > s.size, "filesystem did not grow"
+    if s.pool_kind == "subvolume":  # statvfs shows the pool; the limit is in the stats
+        stats = s.csi.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=s.volumes[0], volume_path=s.target), timeout=30)
+        assert stats.usage[0].total == 2 * s.size, "the limit was not raised"
+    else:
+        st = os.statvfs(s.target)
+        assert st.f_blocks * st.f_frsize > s.size, "filesystem did not grow"
     assert s.read_digest() == s.digest
     got = s.csi.controller.ControllerGetVolume(
         csi_pb2.ControllerGetVolumeRequest(volume_id=s.volumes[0]), timeout=30)
@@ -392,27 +408,57 @@ class Bed:
     kubelet: KubeletLayout
     bystander_target: str
     bystander_digest: str
+    pool_kind: str = "image"
+
+    def pool_entries(self) -> set[str]:
+        """Subvolumes and snapshots in a subvolume pool (outside the state dir)."""
+        if self.pool_kind != "subvolume":
+            return set()
+        pool = Path(self.driver.config["pools"][0]["path"]) if self.driver.config else None
+        assert pool is not None
+        return {f"{d}/{e.name}" for d in ("volumes", "snapshots")
+                for e in (pool / d).iterdir()}
+
+
+# Points that subvolume volumes never pass: no loop device to attach or detach, no
+# filesystem of their own to make or grow, no freeze (their snapshots are atomic).
+SUBVOLUME_UNREACHED = frozenset({
+    "create.after_mkfs", "stage.after_attach", "stage.after_mkfs", "unstage.after_detach",
+    "expand.after_grow_fs", "snapshot.after_freeze", "clone.after_freeze",
+})
+
+
+def _cases(points: Iterator[str] | tuple[str, ...] | list[str]) -> list[Any]:
+    return [pytest.param(kind, point, id=f"{kind}-{point}") for kind in POOL_KINDS
+            for point in points if kind == "image" or point not in SUBVOLUME_UNREACHED]
 
 
 @pytest.fixture(scope="module")
-def bed() -> Iterator[Bed]:
+def bed(request: pytest.FixtureRequest) -> Iterator[Bed]:
+    kind = getattr(request, "param", "image")
     base = Path(tempfile.mkdtemp(prefix="csicrash", dir="/tmp"))
     driver = DriverProcess(base=base, node_id="node-crash")
+    stack = contextlib.ExitStack()
     try:
+        if kind == "subvolume":
+            driver.config = subvolume_pool_config(stack.enter_context(btrfs_mount(base)))
         driver.start()
         csi = driver.csi()
         kubelet = KubeletLayout(driver.kubelet_root)
-        vid = csi.create("pv-bystander", size=SIZE, fs_type="ext4").volume_id
+        cap = CAP if kind == "image" else mount_cap()
+        vid = csi.create("pv-bystander", size=SIZE,
+                         fs_type="ext4" if kind == "image" else "").volume_id
         staging = kubelet.staging_dir(vid)
         target = kubelet.target_dir("pod-bystander", "pv-bystander")
-        csi.stage(vid, staging, CAP)
-        csi.publish(vid, staging, target, CAP)
+        csi.stage(vid, staging, cap)
+        csi.publish(vid, staging, target, cap)
         payload = os.urandom(1 * MiB)
         Path(target, "precious.bin").write_bytes(payload)
         os.sync()
-        yield Bed(driver, kubelet, target, hashlib.sha256(payload).hexdigest())
+        yield Bed(driver, kubelet, target, hashlib.sha256(payload).hexdigest(), kind)
     finally:
         driver.cleanup()
+        stack.close()
         if not mounts_under(base):
             shutil.rmtree(base, ignore_errors=True)
 
@@ -463,7 +509,8 @@ def test_enough_crash_points():
         assert any(p.startswith(prefix + ".") for p in POINTS), prefix
 
 
-@pytest.mark.parametrize("point", POINTS or ["(no crash points)"])
+@pytest.mark.parametrize(("bed", "point"), _cases(POINTS or ["(no crash points)"]),
+                         indirect=["bed"])
 def test_crash_and_recover(bed: Bed, point: str):
     if not POINTS:
         pytest.fail("csi_driver.faults.CRASH_POINTS is missing: the fault hook has not landed")
@@ -473,8 +520,9 @@ def test_crash_and_recover(bed: Bed, point: str):
     tag = point.replace(".", "-").replace("_", "-")
     scenario = _scenario(point)
     scene = Scene(driver, bed.kubelet, tag, fs_type=scenario.fs_type,
-                  create_kind=scenario.create_kind)
+                  create_kind=scenario.create_kind, pool_kind=bed.pool_kind)
     files_before = _state_files(driver)
+    pool_before = bed.pool_entries()
     mounts_before = set(mounts_under(driver.kubelet_root, driver.state_dir))
     loops_before = loops_backed_by(driver.state_dir)
     scene.loops_before = loops_before
@@ -513,6 +561,7 @@ def test_crash_and_recover(bed: Bed, point: str):
     leaked = sorted(f for f in _state_files(driver) - files_before
                     if any(i in f for i in ids) or f.startswith("pools/"))
     assert not leaked, f"files left behind: {leaked}"
+    assert bed.pool_entries() == pool_before, "subvolumes left behind"
 
     # The bystander never noticed.
     assert _sha_file(os.path.join(bed.bystander_target, "precious.bin")) == bed.bystander_digest
@@ -553,7 +602,7 @@ def test_simulated_reboot_restages_with_data_intact(bed: Bed):
 ABANDON_POINTS = [p for p in POINTS if p.split(".", maxsplit=1)[0] in ("stage", "publish")]
 
 
-@pytest.mark.parametrize("point", ABANDON_POINTS)
+@pytest.mark.parametrize(("bed", "point"), _cases(ABANDON_POINTS), indirect=["bed"])
 def test_crash_then_abandon(bed: Bed, point: str):
     """The kubelet may give up instead of retrying (the pod was deleted meanwhile):
     after the crash it only calls NodeUnpublish/NodeUnstage, and the volume is then
@@ -564,8 +613,10 @@ def test_crash_then_abandon(bed: Bed, point: str):
         driver.start()
     scenario = _scenario(point)
     scene = Scene(driver, bed.kubelet, "abandon-" + point.replace(".", "-").replace("_", "-"),
-                  fs_type=scenario.fs_type, create_kind=scenario.create_kind)
+                  fs_type=scenario.fs_type, create_kind=scenario.create_kind,
+                  pool_kind=bed.pool_kind)
     files_before = _state_files(driver)
+    pool_before = bed.pool_entries()
     mounts_before = set(mounts_under(driver.kubelet_root, driver.state_dir))
     scene.loops_before = loops_backed_by(driver.state_dir)
     scenario.prepare(scene)
@@ -583,4 +634,5 @@ def test_crash_then_abandon(bed: Bed, point: str):
     leaked = sorted(f for f in _state_files(driver) - files_before
                     if any(i in f for i in scene.volumes) or f.startswith("pools/"))
     assert not leaked, f"files left behind: {leaked}"
+    assert bed.pool_entries() == pool_before, "subvolumes left behind"
     assert _sha_file(os.path.join(bed.bystander_target, "precious.bin")) == bed.bystander_digest

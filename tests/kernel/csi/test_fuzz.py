@@ -33,6 +33,8 @@ from hypothesis import strategies as st
 
 from csi_driver._proto import csi_pb2
 from tests.grpc.csi.driver_harness import (
+    POOL_KINDS,
+    SUBVOLUME_POOL,
     Csi,
     DriverProcess,
     KubeletLayout,
@@ -54,6 +56,7 @@ class World:
     staging: str
     target: str
     sentinels: list[Path]
+    valid_parameters: list[dict[str, str]]
 
     def snapshot(self) -> dict[str, tuple[int, int, int]]:
         """Every entry under the sentinels with (mode, size, mtime_ns)."""
@@ -67,13 +70,21 @@ class World:
         return seen
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+# Valid StorageClass parameters per pool kind (the success path of CreateVolume).
+VALID_PARAMETERS = {
+    "image": [{}, {"pool": "default"}, {"fsType": "ext4", "thin": "true"}],
+    "subvolume": [{}, {"pool": SUBVOLUME_POOL}, {"nocow": "true", "thin": "false"}],
+}
+
+
+@pytest.fixture(scope="module", params=POOL_KINDS)
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    SEEN.clear()
     sentinel_base = Path(tempfile.mkdtemp(prefix="csi-sentinel", dir="/tmp"))
     (sentinel_base / "dir").mkdir()
     (sentinel_base / "dir" / "file").write_text("do not touch\n")
     (sentinel_base / "mount").mkdir()
-    with running_driver(node_id="node-fuzz") as driver:
+    with running_driver(node_id="node-fuzz", pool_kind=request.param) as driver:
         # The driver's own base dir (outside its roots) is a sentinel too.
         outside = driver.base / "outside"
         outside.mkdir()
@@ -86,7 +97,8 @@ def world() -> Iterator[World]:
         csi.stage(vol.volume_id, staging, mount_cap())
         csi.publish(vol.volume_id, staging, target, mount_cap())
         Path(target, "data").write_text("fuzz survivor\n")
-        w = World(driver, csi, vol.volume_id, staging, target, [sentinel_base, outside])
+        w = World(driver, csi, vol.volume_id, staging, target, [sentinel_base, outside],
+                  VALID_PARAMETERS[request.param])
         before = w.snapshot()
         try:
             yield w
@@ -226,8 +238,7 @@ def test_fuzz_create_volume(world: World):
                 name=data.draw(st.sampled_from(["pvc-fuzz-a", "pvc-fuzz-b"])),
                 volume_capabilities=[mount_cap()],
                 capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
-                parameters=data.draw(st.sampled_from(
-                    [{}, {"pool": "default"}, {"fsType": "ext4", "thin": "true"}])))
+                parameters=data.draw(st.sampled_from(world.valid_parameters)))
             _check(world, world.csi.controller.CreateVolume, valid)
             return
         req = csi_pb2.CreateVolumeRequest()

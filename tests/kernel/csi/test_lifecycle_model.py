@@ -3,7 +3,8 @@
 A hypothesis state machine drives the real driver through random orders of
 CreateVolume, DeleteVolume, NodeStage/Unstage, NodePublish/Unpublish (two pods),
 ControllerExpandVolume, CreateSnapshot and DeleteSnapshot on two volumes (one
-filesystem, one raw block).  A small model predicts each answer from csi.md 1.3:
+filesystem, one raw block; two filesystems on a subvolume pool), for each kind of
+pool.  A small model predicts each answer from csi.md 1.3:
 idempotent repeats are OK, publish before stage is FAILED_PRECONDITION, deleting
 a staged volume is FAILED_PRECONDITION, a snapshot name reused for another
 source is ALREADY_EXISTS, calls on deleted volumes are NOT_FOUND (or OK where the
@@ -34,6 +35,7 @@ from hypothesis.stateful import (
 
 from csi_driver._proto import csi_pb2
 from tests.grpc.csi.driver_harness import (
+    POOL_KINDS,
     Csi,
     DriverProcess,
     KubeletLayout,
@@ -48,7 +50,13 @@ Code = grpc.StatusCode
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 SIZE = 64 * MiB
 STEP = 8 * MiB
-NAMES = {"pv-model-fs": "mount", "pv-model-blk": "block"}
+NAMES = ("pv-model-fs", "pv-model-blk")
+# Access kind of each volume per pool kind: subvolume pools give no raw block volumes,
+# so both of theirs are filesystems.
+KINDS = {
+    "image": {"pv-model-fs": "mount", "pv-model-blk": "block"},
+    "subvolume": {"pv-model-fs": "mount", "pv-model-blk": "mount"},
+}
 PODS = ("pod-one", "pod-two")
 
 
@@ -74,12 +82,13 @@ def _code(call: Any, request: Any) -> Code:
 
 class Lifecycle(RuleBasedStateMachine):
     driver: ClassVar[DriverProcess]
+    pool_kind: ClassVar[str] = "image"
 
     def __init__(self) -> None:
         super().__init__()
         self.csi: Csi = self.driver.csi()
         self.kubelet = KubeletLayout(self.driver.kubelet_root)
-        self.vols = {name: VolModel(kind) for name, kind in NAMES.items()}
+        self.vols = {name: VolModel(kind) for name, kind in KINDS[self.pool_kind].items()}
         self.snaps: dict[str, tuple[str, str]] = {}  # name -> (snapshot id, source id)
 
     # ------------------------------------------------------------ helpers
@@ -256,9 +265,10 @@ class Lifecycle(RuleBasedStateMachine):
         assert loops_backed_by(self.driver.state_dir) == []
 
 
-@pytest.fixture(scope="module")
-def model_driver() -> Iterator[DriverProcess]:
-    with running_driver(node_id="node-model") as driver:
+@pytest.fixture(scope="module", params=POOL_KINDS)
+def model_driver(request: pytest.FixtureRequest) -> Iterator[DriverProcess]:
+    with running_driver(node_id="node-model", pool_kind=request.param) as driver:
+        Lifecycle.pool_kind = request.param
         yield driver
 
 

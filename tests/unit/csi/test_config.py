@@ -76,6 +76,20 @@ def test_full_config_parses_sizes_and_selectors():
         ({"pools": [{"name": "d", "type": "disk",
                      "selector": {"kernel": "x", "min_size": "2G", "max_size": "1G"}}]},
          "pools[0].selector.max_size"),
+        ({"pools": [{"name": "s", "type": "subvolume"}]}, "pools[0].path"),
+        ({"pools": [{"name": "s", "type": "subvolume", "path": "/b", "direct_io": True}]},
+         "pools[0].direct_io"),
+        ({"pools": [{"name": "s", "type": "subvolume", "path": "/b", "quota_mode": "half"}]},
+         "pools[0].quota_mode"),
+        ({"pools": [{"name": "a", "type": "image", "path": "/b"},
+                    {"name": "s", "type": "subvolume", "path": "/b/s"}]}, "overlap"),
+        ({"pools": [{"name": "d", "type": "disk", "volume_kind": "subvolume",
+                     "selector": {"kernel": "x"}}]}, "pools[0].volume_kind"),
+        ({"pools": [{"name": "d", "type": "disk", "mode": "backing", "volume_kind": "subvolume",
+                     "selector": {"kernel": "x"}}]}, "pools[0].volume_kind"),
+        ({"pools": [{"name": "d", "type": "disk", "mode": "backing", "volume_kind": "subvolume",
+                     "backing_fs_type": "btrfs", "default_fs_type": "xfs",
+                     "selector": {"kernel": "x"}}]}, "pools[0].default_fs_type"),
     ],
 )
 def test_invalid_config_names_the_key(data, key):
@@ -115,3 +129,16 @@ def test_committed_reference_matches_the_option_table():
     )
     for key in ("overcommit_ratio", "reserve_percent", "backing_fs_type", "max_volumes_per_node"):
         assert f"`{key}`" in committed
+
+
+def test_subvolume_pools_carry_btrfs_and_a_quota_mode():
+    config = parse_config({"pools": [
+        {"name": "s", "type": "subvolume", "path": "/srv/btrfs/hk"},
+        {"name": "d", "type": "disk", "mode": "backing", "backing_fs_type": "btrfs",
+         "volume_kind": "subvolume", "quota_mode": "full", "selector": {"kernel": "x"}},
+    ]}, "/state")
+    sub, disk = config.pools
+    assert (sub.type, sub.default_fs_type, sub.quota_mode, sub.thin) == (
+        "subvolume", "btrfs", "full", True)
+    assert (disk.volume_kind, disk.default_fs_type, disk.quota_mode) == (
+        "subvolume", "btrfs", "full")

@@ -9,6 +9,7 @@ import pytest
 
 from csi_driver.config import parse_config
 from csi_driver.pools.imagefile import ImagePool
+from csi_driver.provisioning import Provisioner
 from csi_driver.store import Store
 from csi_driver.volumes import (
     TOPOLOGY_KEY,
@@ -34,7 +35,7 @@ def service(tmp_path):
     pools = [ImagePool(p) for p in config.pools]
     for p in pools:
         p.start()
-    return VolumeService(config, "node-1", Store(str(tmp_path / "state")), pools)
+    return Provisioner(VolumeService(config, "node-1", Store(str(tmp_path / "state")), pools))
 
 
 @pytest.mark.parametrize("path", [
@@ -43,7 +44,7 @@ def service(tmp_path):
 ])
 def test_paths_outside_the_kubelet_root_are_refused(service, path):
     with pytest.raises(InvalidArgument):
-        service.check_path(path, "target_path")
+        service.volumes.check_path(path, "target_path")
 
 
 def test_symlinks_out_of_the_kubelet_root_are_refused(tmp_path):
@@ -59,7 +60,7 @@ def test_symlinks_out_of_the_kubelet_root_are_refused(tmp_path):
 
 
 def test_paths_under_the_kubelet_root_are_normalised(service):
-    assert service.check_path("/var/lib/kubelet/pods//u/mount/", "t") == \
+    assert service.volumes.check_path("/var/lib/kubelet/pods//u/mount/", "t") == \
         "/var/lib/kubelet/pods/u/mount"
 
 
@@ -149,7 +150,7 @@ def test_domain_modules_do_not_import_grpc_or_stubs(module):
 def test_copies_stay_in_their_source_pool_and_default_to_its_size(service):
     from csi_driver.snapshots import SnapshotService
 
-    snaps = SnapshotService(service)
+    snaps = SnapshotService(service.volumes)
     src = service.create_volume(CreateRequest(
         name="src", capabilities=(BLOCK,), required_bytes=3 * MiB, parameters={"pool": "b"}))
     snap = snaps.create_snapshot("s1", src.id, {})
@@ -183,13 +184,13 @@ def test_requests_before_the_pools_are_ready_are_unavailable(tmp_path):
     config = parse_config({"pools": [{"name": "a", "type": "image",
                                       "path": str(tmp_path / "a")}]}, str(tmp_path))
     pool = ImagePool(config.pools[0])  # not started
-    svc = VolumeService(config, "n", Store(str(tmp_path / "s")), [pool])
-    assert not svc.ready
+    svc = Provisioner(VolumeService(config, "n", Store(str(tmp_path / "s")), [pool]))
+    assert not svc.volumes.ready
     with pytest.raises(Unavailable):
         svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,), required_bytes=MiB))
     cap, _ = svc.get_capacity({}, [], None)
     assert cap is None
     pool.start()
-    assert svc.ready
+    assert svc.volumes.ready
     assert svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,),
                                            required_bytes=MiB)).capacity_bytes == MiB

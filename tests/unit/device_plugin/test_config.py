@@ -99,7 +99,7 @@ resources:
 BAD = [
     ("resources: [\n  - name: x\n    match: [", "line"),
     ("resources:\n  - name: x\n    name: y\n", "duplicate key 'name'"),
-    ("colour: red\n", "colour: unknown key (allowed: domain, resync_seconds, cdi, resources)"),
+    ("colour: red\n", "colour: unknown key (allowed: domain, resync_seconds, cdi, dra, resources)"),
     ("- a\n- b\n", "the configuration: must be a mapping, got list"),
     ("resources:\n  - name: x\n    match: [{subsystem: misc, vendor: x}]\n",
      "resources[0].match[0].vendor: unknown key"),

@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[3] / "device_plugin"
 DOMAIN = ["model", "config", "matching", "identity", "units", "sysfs", "discovery", "health",
-          "registry", "allocation", "cdi", "reload", "metrics", "plugin"]
+          "registry", "allocation", "cdi", "reload", "metrics", "plugin",
+          "dra/devices", "dra/claims", "dra/checkpoint", "dra/prepare", "dra/health"]
 
 
 @pytest.mark.parametrize("module", DOMAIN)
@@ -25,5 +26,6 @@ def test_domain_module_imports_no_grpc(module):
     bad = [m for m in imported if m.split(".")[0] in ("grpc", "grpc_health") or "_proto" in m
            or m.startswith(("device_plugin.api", "device_plugin.servicer",
                             "device_plugin.lifecycle", "plugin_runtime.rpc",
-                            "plugin_runtime.server"))]
+                            "plugin_runtime.server", "device_plugin.dra.api",
+                            "device_plugin.dra.servicer", "device_plugin.dra.lifecycle"))]
     assert bad == []
