@@ -46,7 +46,7 @@ from plugin_runtime import commands
 from tests.deploy.manifests import DAEMONSETS
 from tests.e2e import binaries, daemonset_images, host, node_overlay, product_image
 from tests.e2e.cluster import Node, free_port
-from tests.e2e.csi_node import Supervised, holders, mounts_under
+from tests.e2e.csi_node import Supervised, holders
 from tests.e2e.csi_objects import (
     DRIVER_NAME,
     VolumeSnapshot,
@@ -75,8 +75,12 @@ class Deployed:
     handles: set[str]
 
     @property
-    def mountinfo(self) -> Path:
-        return Path(f"/proc/{self.cluster.daemons['mount-namespace'].pid}/mountinfo")
+    def node_pid(self) -> int:
+        """A process in the node's mount namespace (the kubelet's mounts)."""
+        return self.cluster.daemons["mount-namespace"].pid
+
+    def node_mounts(self, directory: Path) -> list[str]:
+        return host.mounts_under(directory, self.node_pid)
 
     def pods_of(self, daemonset: str) -> list[Pod]:
         return list(self.client.list(Pod, namespace=SYSTEM_NS,
@@ -254,11 +258,11 @@ def _teardown(state: Deployed, controller: Supervised) -> None:
                      f"the pods of {ds} gone", 90)
     leaks = _loops_of(state.handles)
     leaks += host.loops_backed_under(state.state_dir)
-    leaks += [m for m in mounts_under(state.mountinfo, state.state_dir)
+    leaks += [m for m in state.node_mounts(state.state_dir)
               if m != str(state.state_dir)]
     commands.run([*state.cluster.in_node(), "umount", str(state.state_dir)], timeout=30,
                  check=False)
-    leaks += [m for m in mounts_under(state.mountinfo, state.cluster.kubelet_root)
+    leaks += [m for m in state.node_mounts(state.cluster.kubelet_root)
               if "kubernetes.io~csi" in m or "/kubernetes.io/csi/" in m]
     assert not leaks, f"volumes of the DaemonSet run left behind: {leaks}"
     images = sorted(p.name for p in state.state_dir.rglob("*.img"))
@@ -370,12 +374,12 @@ def test_pvc_example(deployed: Deployed, data_example: str) -> None:
     assert "UTC" in data_example or data_example[:3].isalpha(), data_example
     pv = deployed.remember_volume("data")
     root = deployed.cluster.kubelet_root
-    published = [m for m in mounts_under(deployed.mountinfo, root / "pods")
+    published = [m for m in deployed.node_mounts(root / "pods")
                  if f"/volumes/kubernetes.io~csi/{pv.metadata.name}/" in m]
     assert published, "the driver's publish mount reached the node's mount table"
     # Staging paths are named by a hash of the handle; this is the only volume.
-    staged = [m for m in mounts_under(deployed.mountinfo, root / "plugins" / "kubernetes.io" /
-                                      "csi" / DRIVER_NAME) if m.endswith("/globalmount")]
+    staged = [m for m in deployed.node_mounts(root / "plugins" / "kubernetes.io" / "csi" /
+                                          DRIVER_NAME) if m.endswith("/globalmount")]
     assert len(staged) == 1, f"the staging mount in the node's mount table: {staged}"
 
 
