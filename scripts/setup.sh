@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(e2fsprogs xfsprogs btrfs-progs util-linux kmod fio umockdev gir1.2-umockdev-1.0 python3-gi
     # the end-to-end tier (tests/e2e): etcd, runc and CNI plugins for the real cluster,
     # busybox-static for its images, iptables for the kubelet, xz for the shared binaries
-    etcd-server runc containernetworking-plugins busybox-static iptables xz-utils)
+    etcd-server runc containernetworking-plugins busybox-static iptables xz-utils
+    # and, for its DaemonSet scenarios, the project's image built without a Docker
+    # daemon: buildah runs the Dockerfile, debootstrap makes the stand-in base image
+    buildah debootstrap)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
