@@ -91,6 +91,23 @@ def compute_capacity(
     )
 
 
+def pool_capacity(
+    config: PoolConfig, space: tuple[int, int], *, thin: bool, provisioned: int
+) -> Capacity:
+    """``compute_capacity`` for a pool of ``config`` whose ``space`` is (size, free bytes
+    new volumes can use)."""
+    total, free = space
+    return compute_capacity(
+        total=total,
+        free=free,
+        reserve_bytes=config.reserve_bytes,
+        reserve_percent=config.reserve_percent,
+        thin=thin,
+        overcommit_ratio=config.overcommit_ratio,
+        provisioned=provisioned,
+    )
+
+
 def align_up(size: int, alignment: int = ALIGNMENT) -> int:
     return -(-size // alignment) * alignment
 

@@ -48,7 +48,7 @@ from csi_driver.pools.base import (
     Orphan,
     SaveRecord,
     VolumeUsage,
-    compute_capacity,
+    pool_capacity,
 )
 from csi_driver.pools.devices import BlockDevicePool
 from csi_driver.pools.imagefile import ImagePool, remove_image_snapshot
@@ -336,15 +336,10 @@ class DiskPool(BlockDevicePool):
                 subs = list(self._backing.values())
             total = free = 0
             for sub in subs:
-                t, f = sub.fs_stats()
+                t, f = sub.space(self._on(sub, records))
                 total += t
                 free += f
-                if isinstance(sub, SubvolumePool):
-                    free -= sub.promised_to_thick(self._on(sub, records))
-            cap = compute_capacity(
-                total=total, free=free, reserve_bytes=self.config.reserve_bytes,
-                reserve_percent=self.config.reserve_percent, thin=thin,
-                overcommit_ratio=self.config.overcommit_ratio, provisioned=provisioned)
+            cap = pool_capacity(self.config, (total, free), thin=thin, provisioned=provisioned)
             biggest = max((sub.capacity(thin, 0, self._on(sub, records)).maximum_volume_bytes
                            for sub in subs), default=0)
             return Capacity(cap.total_bytes, cap.available_bytes,

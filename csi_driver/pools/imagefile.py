@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 
 from csi_driver import filesystems, loop
 from csi_driver.config import PoolConfig
-from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, compute_capacity
+from csi_driver.pools.base import ALIGNMENT, Capacity, Orphan, pool_capacity
 from csi_driver.pools.devices import BlockDevicePool
 from csi_driver.store import READY, SnapshotRecord, VolumeRecord, fsync_dir, remove_durably
 from plugin_runtime import commands
@@ -102,19 +102,16 @@ class ImagePool(BlockDevicePool):
         st = os.statvfs(self.path)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def space(self, records: Sequence[VolumeRecord] = ()) -> tuple[int, int]:
+        """(size, free bytes) for new volumes: thick images are preallocated, so the
+        filesystem's free space already leaves out what they may still write."""
+        return self.fs_stats()
+
     def capacity(
         self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
     ) -> Capacity:
-        total, free = self.fs_stats()
-        return compute_capacity(
-            total=total,
-            free=free,
-            reserve_bytes=self.config.reserve_bytes,
-            reserve_percent=self.config.reserve_percent,
-            thin=thin,
-            overcommit_ratio=self.config.overcommit_ratio,
-            provisioned=provisioned,
-        )
+        return pool_capacity(self.config, self.space(records), thin=thin,
+                             provisioned=provisioned)
 
     def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
         final = self.image_path(rec.id)

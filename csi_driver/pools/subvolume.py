@@ -69,7 +69,7 @@ from csi_driver.pools.base import (
     Orphan,
     SaveRecord,
     VolumeUsage,
-    compute_capacity,
+    pool_capacity,
 )
 from csi_driver.store import READY, SnapshotRecord, Staging, VolumeRecord
 from plugin_runtime.errors import (
@@ -248,19 +248,17 @@ class SubvolumePool:
         st = os.statvfs(self.path)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def space(self, records: Sequence[VolumeRecord] = ()) -> tuple[int, int]:
+        """(size, free bytes) for new volumes: a thick volume cannot be preallocated,
+        so what it may still write is taken from the filesystem's free space."""
+        total, free = self.fs_stats()
+        return total, max(0, free - self.promised_to_thick(records))
+
     def capacity(
         self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
     ) -> Capacity:
-        total, free = self.fs_stats()
-        return compute_capacity(
-            total=total,
-            free=max(0, free - self.promised_to_thick(records)),
-            reserve_bytes=self.config.reserve_bytes,
-            reserve_percent=self.config.reserve_percent,
-            thin=thin,
-            overcommit_ratio=self.config.overcommit_ratio,
-            provisioned=provisioned,
-        )
+        return pool_capacity(self.config, self.space(records), thin=thin,
+                             provisioned=provisioned)
 
     def promised_to_thick(self, records: Sequence[VolumeRecord]) -> int:
         """What thick volumes may still write (limit - referenced), counted as taken."""
