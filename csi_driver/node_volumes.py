@@ -93,7 +93,7 @@ class NodeVolumes:
                 _apply_group(path, cap.mount_group)
             if rec.staging != wanted:
                 rec.staging = wanted
-                self.store.put_volume(rec)
+                self.store.put_node(rec)
             crash_point("stage.after_record")
         _log_node_op(not already, started, "NodeStageVolume", volume_id, "staged at", path,
                      f"device {wanted.device}, {fs_type or 'raw block'}")
@@ -136,7 +136,7 @@ class NodeVolumes:
             pool.unstage(rec, path)
             if rec.staging is not None:
                 rec.staging = None
-                self.store.put_volume(rec)
+                self.store.put_node(rec)
         _log_node_op(changed, started, "NodeUnstageVolume", volume_id, "unstaged from", path,
                      f"detached {owner.device}" if owner is not None and owner.device
                      else "no device attached")
@@ -150,7 +150,7 @@ class NodeVolumes:
         if stale:
             for target in stale:
                 del rec.publications[target]
-            self.store.put_volume(rec)
+            self.store.put_node(rec)
 
     def node_publish(
         self,
@@ -219,7 +219,7 @@ class NodeVolumes:
             changed = bound or existing != wanted
             if existing != wanted:
                 rec.publications[target] = wanted
-                self.store.put_volume(rec)
+                self.store.put_node(rec)
             crash_point("publish.after_record")
         _log_node_op(changed, started, "NodePublishVolume", volume_id, "published at", target,
                      f"bind of {source}, {rec.staging.fs_type or 'raw block'}, "
@@ -294,7 +294,7 @@ class NodeVolumes:
                 crash_point("unpublish.after_remove")
             if target in rec.publications:
                 del rec.publications[target]
-                self.store.put_volume(rec)
+                self.store.put_node(rec)
         _log_node_op(changed, started, "NodeUnpublishVolume", volume_id, "unpublished from",
                      target)
 

@@ -83,7 +83,7 @@ def reconcile(volumes: VolumeService) -> list[Orphan]:
                     continue
                 if rec.staging.device != device:
                     rec.staging.device = device
-                    store.put_volume(rec)
+                    store.put_node(rec)
         except (OSError, DomainError) as exc:
             log.error("cannot reconcile volume %s: %s", rec.id, exc, extra={"volume_id": rec.id})
     orphans = find_orphans(volumes)

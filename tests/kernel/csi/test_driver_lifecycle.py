@@ -63,8 +63,8 @@ class FreezableFs:
     """A driver with a small ext4 filesystem of the test's own that it can freeze.
 
     ``holds="pool"``: the driver's only pool lives on it.  ``holds="records"``: the
-    directory of volume records (``<state>/volumes``) does, through a symlink, while
-    the default pool stays on the host filesystem.
+    directories of volume records and node state (``<state>/volumes``, ``<state>/node``)
+    do, through symlinks, while the default pool stays on the host filesystem.
     """
 
     def __init__(self, base: Path, holds: str) -> None:
@@ -90,8 +90,9 @@ class FreezableFs:
                 "reserve_percent": 0, "reserve_bytes": 0,
             }]}
         else:
-            (self.mountpoint / "volumes").mkdir()
-            (state / "volumes").symlink_to(self.mountpoint / "volumes")
+            for records in ("volumes", "node"):
+                (self.mountpoint / records).mkdir()
+                (state / records).symlink_to(self.mountpoint / records)
 
     def freeze(self) -> None:
         commands.run(["fsfreeze", "--freeze", str(self.mountpoint)], timeout=30)

@@ -1,4 +1,4 @@
-"""Record store: atomic writes, crash leftovers, unreadable records, id validation."""
+"""Record store: atomic writes, crash leftovers, unreadable records, node state, id validation."""
 
 from __future__ import annotations
 
@@ -149,6 +149,155 @@ def test_write_atomically_fsyncs_the_directory(tmp_path, monkeypatch):
     store_mod.write_atomically(str(tmp_path / "x.json"), b"{}")
     assert synced == [str(tmp_path)]
     assert (tmp_path / "x.json").read_bytes() == b"{}"
+
+
+def staged(name="pvc-n", **kw):
+    rec = record(name=name, state="ready", **kw)
+    rec.staging = Staging(path="/k/s", block=False, fs_type="ext4", device="/dev/loop7")
+    rec.publications["/k/t"] = Publication(target="/k/t", block=False, readonly=False)
+    return rec
+
+
+def test_node_state_lives_apart_from_the_record_and_is_not_fsynced(tmp_path, monkeypatch):
+    s = Store(str(tmp_path))
+    rec = record(name="pvc-n", state="ready")
+    s.put_volume(rec)
+    synced: list[object] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(store_mod, "fsync_dir", lambda d: synced.append(d))
+    rec.staging = Staging(path="/k/s", block=False, fs_type="ext4")
+    s.put_node(rec)
+    assert synced == [], "node state must not pay for fsyncs"
+    record_file = json.loads(Path(s.volume_dir, f"{rec.id}.json").read_text())
+    assert "staging" not in record_file and "publications" not in record_file
+    node_file = json.loads(Path(s.node_dir, f"{rec.id}.json").read_text())
+    assert node_file["staging"]["path"] == "/k/s"
+    assert Store(str(tmp_path)).volume(rec.id) == rec
+    rec.staging = None
+    s.put_node(rec)
+    assert os.listdir(s.node_dir) == [], "neither staged nor published: no node file"
+    assert Store(str(tmp_path)).volume(rec.id) == rec
+
+
+def test_put_volume_keeps_the_record_durable(tmp_path, monkeypatch):
+    s = Store(str(tmp_path))
+    synced: list[str] = []
+    real = store_mod.fsync_dir
+
+    def spy(directory: str) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(store_mod, "fsync_dir", spy)
+    s.put_volume(staged())
+    assert synced == [s.volume_dir]
+
+
+def test_put_node_changes_only_the_node_state(tmp_path):
+    s = Store(str(tmp_path))
+    rec = staged()
+    s.put_volume(rec)
+    copy = s.volume(rec.id)
+    assert copy is not None
+    copy.publications.clear()
+    copy.staging = None
+    s.put_node(copy)
+    again = s.volume(rec.id)
+    assert again is not None and again.staging is None and again.publications == {}
+    assert again.capacity_bytes == rec.capacity_bytes and again.name == rec.name
+
+
+def test_record_with_inline_node_state_is_read_and_moved_out(tmp_path):
+    """A state dir written before node state moved out keeps its volumes staged."""
+    rec = staged()
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    legacy = {**rec.to_json(), **rec.node_json()}  # type: ignore[dict-item]
+    (volumes / f"{rec.id}.json").write_text(json.dumps(legacy, indent=1))
+    s = Store(str(tmp_path))
+    assert s.volume(rec.id) == rec
+    assert (tmp_path / "node" / f"{rec.id}.json").exists()
+    loaded = s.volume(rec.id)
+    assert loaded is not None
+    s.put_volume(loaded)  # rewrites the record without the inline state
+    assert "staging" not in json.loads((volumes / f"{rec.id}.json").read_text())
+    assert Store(str(tmp_path)).volume(rec.id) == rec
+
+
+@pytest.mark.parametrize("content", ["", '{"id": "vol-', '{"id": "%s", "staging": 3}'])
+def test_damaged_node_state_reads_as_not_staged_and_keeps_the_volume(tmp_path, caplog, content):
+    """What a power loss mid-write leaves: the volume stays, unstaged (nothing is mounted
+    after a power loss either)."""
+    s = Store(str(tmp_path))
+    rec = staged()
+    s.put_volume(rec)
+    node_file = Path(s.node_dir, f"{rec.id}.json")
+    node_file.write_text(content.replace("%s", rec.id))
+    again = Store(str(tmp_path))
+    loaded = again.volume(rec.id)
+    assert loaded is not None and loaded.capacity_bytes == rec.capacity_bytes
+    assert loaded.staging is None and loaded.publications == {}
+    assert again.unreadable == []
+    assert not node_file.exists()
+    assert any(str(node_file) in r.getMessage() and "damaged" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_node_state_without_a_record_is_removed_unless_the_record_is_unreadable(tmp_path):
+    s = Store(str(tmp_path))
+    rec, broken = staged(), staged(name="pvc-broken")
+    s.put_volume(rec)
+    s.put_volume(broken)
+    Path(s.volume_dir, f"{rec.id}.json").unlink()  # e.g. removed by hand
+    Path(s.volume_dir, f"{broken.id}.json").write_text("{not json")
+    again = Store(str(tmp_path))
+    assert again.volumes() == []
+    assert sorted(os.listdir(s.node_dir)) == [f"{broken.id}.json"]
+
+
+def test_remove_volume_removes_its_node_state(tmp_path):
+    s = Store(str(tmp_path))
+    rec = staged()
+    s.put_volume(rec)
+    assert os.listdir(s.node_dir) == [f"{rec.id}.json"]
+    s.remove_volume(rec.id)
+    assert os.listdir(s.node_dir) == [] and os.listdir(s.volume_dir) == []
+
+
+def test_crash_before_the_node_state_rename_keeps_the_old_node_state(tmp_path):
+    s = Store(str(tmp_path))
+    rec = staged()
+    s.put_volume(rec)
+    script = textwrap.dedent(f"""
+        from csi_driver.store import Store
+        s = Store({str(tmp_path)!r})
+        rec = s.volume({rec.id!r})
+        rec.publications.clear()
+        s.put_node(rec)
+    """)
+    env = dict(os.environ, HOSTKIT_CRASH_AT="store.before_rename")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60,
+                          cwd=os.getcwd(), capture_output=True, check=False)
+    assert proc.returncode == -9, proc.stderr
+    again = Store(str(tmp_path)).volume(rec.id)
+    assert again is not None and list(again.publications) == ["/k/t"]
+    assert not [e for e in os.listdir(s.node_dir) if ".tmp-" in e]
+
+
+def test_handed_out_records_are_copies(tmp_path):
+    s = Store(str(tmp_path))
+    rec = staged()
+    s.put_volume(rec)
+    expected = staged()
+    expected.id = rec.id
+    copy = s.volume(rec.id)
+    assert copy is not None and copy == expected
+    copy.parameters["x"] = "y"
+    copy.staging.mount_flags.append("ro")  # type: ignore[union-attr]
+    copy.publications["/k/t"].mount_flags.append("ro")
+    rec.parameters["z"] = "w"
+    rec.publications["/k/t"].mount_flags.append("ro")
+    assert s.volume(rec.id) == expected
 
 
 @pytest.mark.parametrize("value", [
