@@ -1,7 +1,10 @@
 """Identity service: who the driver is, what it offers, and whether it is ready.
 
-Probe answers ready=false (not an error) until every pool is ready, so the
-livenessprobe sidecar and the kubelet wait instead of restarting the driver.
+Probe answers ready=false (not an error) until every pool has started or
+failed, so the livenessprobe sidecar and the kubelet wait instead of
+restarting the driver; then ready=true while at least one pool serves, and
+FAILED_PRECONDITION naming each pool's problem when none can (``ready``
+raises it: ``VolumeService.probe``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 ``Driver.start`` binds the socket first and prepares the pools in the
 background, so the kubelet and sidecars can connect at once; Probe answers
-ready=false until every pool is ready and the start-up reconcile has run.
+ready=false until every pool has started (or failed) and the start-up
+reconcile has run.  A pool whose start fails does not stop the others: it
+answers FAILED_PRECONDITION with its problem while they serve, and Probe says
+ready.  Only when no pool can serve does Probe fail (FAILED_PRECONDITION, every
+pool's problem), the CSI spec's answer for a plugin missing a dependency.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from csi_driver.provisioning import Provisioner
 from csi_driver.snapshots import SnapshotService
 from csi_driver.store import Store
 from csi_driver.volumes import VolumeService
+from plugin_runtime.errors import DomainError
 from plugin_runtime.server import UnixSocketServer
 
 log = logging.getLogger(__name__)
@@ -61,7 +66,7 @@ class Driver:
         self.failure: BaseException | None = None
 
     def ready(self) -> bool:
-        return self._prepared.is_set() and self.volumes.ready
+        return self._prepared.is_set() and self.volumes.probe()
 
     def _register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_IdentityServicer_to_server(  # type: ignore[no-untyped-call]
@@ -78,11 +83,22 @@ class Driver:
         """Start the pools and reconcile (blocking)."""
         try:
             for pool in self.pools:
-                pool.start()
+                try:
+                    pool.start()
+                except (DomainError, OSError):
+                    log.error("pool %s failed to start; it serves no volumes until the driver "
+                              "restarts: %s", pool.name, pool.problem)
             self.orphans = reconcile.reconcile(self.volumes)
             _trim_heap()
             self._prepared.set()
-            log.info("driver ready: pools %s", ", ".join(p.name for p in self.pools))
+            serving = [p.name for p in self.pools if p.ready]
+            failed = [p.name for p in self.pools if not p.ready]
+            if serving:
+                log.info("driver ready: pools %s%s", ", ".join(serving),
+                         f" (failed: {', '.join(failed)})" if failed else "")
+            else:
+                log.error("no pool can serve volumes (failed: %s); Probe fails",
+                          ", ".join(failed))
         except BaseException as exc:
             self.failure = exc
             log.exception("preparing the pools failed; Probe stays not ready")

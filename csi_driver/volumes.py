@@ -14,6 +14,13 @@ behind the pool interface (``pools.base.Pool``):
 name, the per-volume locks, path checks, record lookup, health and the
 reports ``csi-driver pools`` and the metrics show.  The plain request types
 below are what the servicers build from protobuf messages.
+
+A pool that is still starting answers UNAVAILABLE (retry soon).  A pool whose
+start failed (``Pool.problem``: a path not on btrfs, quotas that cannot be
+enabled, a directory that cannot be made) answers FAILED_PRECONDITION with
+its problem, the text ``csi-driver pools`` shows: retrying cannot help until
+the operator fixes it and restarts the driver.  The other pools keep serving;
+``probe`` fails only when no pool can.
 """
 
 from __future__ import annotations
@@ -135,9 +142,17 @@ class VolumeService:
         # filesystem frozen while its data is copied (clones).
         self.copy_source: Callable[[VolumeRecord], AbstractContextManager[None]] | None = None
 
-    @property
-    def ready(self) -> bool:
-        return all(p.ready for p in self.pools.values())
+    def probe(self) -> bool:
+        """Probe's answer: False while a pool is still starting, True once each pool
+        serves or has failed and at least one serves; FailedPrecondition naming every
+        pool's problem when none can serve."""
+        pools = self.pools.values()
+        if any(not p.ready and not p.problem for p in pools):
+            return False
+        if any(p.ready for p in pools):
+            return True
+        raise FailedPrecondition("no pool can serve volumes: " + "; ".join(
+            f"pool {p.name} failed to start: {p.problem}" for p in pools))
 
     def topology(self) -> dict[str, str]:
         return {TOPOLOGY_KEY: self.node_id}
@@ -199,6 +214,8 @@ class VolumeService:
         pool = self.pools.get(rec.pool)
         if pool is None:
             return Condition(True, f"pool {rec.pool} is not configured on this node")
+        if not pool.ready and pool.problem:
+            return Condition(True, failed_message(pool))
         return pool.condition(rec)
 
     def pool_reports(self) -> list[PoolReport]:
@@ -215,9 +232,19 @@ class VolumeService:
         return reports
 
 
+def failed_message(pool: Pool) -> str:
+    return (f"pool {pool.name} failed to start and serves no volumes until the driver "
+            f"restarts: {pool.problem}")
+
+
 def check_ready(pool: Pool) -> None:
-    if not pool.ready:
-        raise Unavailable(f"pool {pool.name} is not ready yet (the driver is starting); retry")
+    """UNAVAILABLE while ``pool`` is starting; FAILED_PRECONDITION with its problem
+    when its start failed."""
+    if pool.ready:
+        return
+    if pool.problem:
+        raise FailedPrecondition(failed_message(pool))
+    raise Unavailable(f"pool {pool.name} is not ready yet (the driver is starting); retry")
 
 
 def parse_token(token: str, length: int) -> int:

@@ -179,9 +179,13 @@ class Pool(Protocol):
     atomic_snapshots: bool
     fs_types: tuple[str, ...]  # filesystems its volumes can carry (first: the kind's own)
     parameters: tuple[str, ...]  # StorageClass parameters of this kind (checked below)
+    # Why the pool cannot serve: set by a failed ``start`` (the operator's words: what
+    # is wrong and what to do), "" while it is starting or serving.
+    problem: str
 
     def start(self) -> None:
-        """Prepare the pool (directories, disk mounts); safe to call again."""
+        """Prepare the pool (directories, disk mounts); safe to call again.  When it
+        cannot, set ``problem`` and raise: the pool stays not ready, the others serve."""
 
     def stop(self) -> None:
         """Release background resources (watchers); volumes stay as they are."""

@@ -56,6 +56,7 @@ from csi_driver.pools.subvolume import SubvolumePool
 from csi_driver.store import READY, SnapshotRecord, Staging, VolumeRecord
 from plugin_runtime import commands
 from plugin_runtime.errors import (
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -131,6 +132,7 @@ class DiskPool(BlockDevicePool):
             self.parameters = SubvolumePool.parameters
         self._watcher: disks.DiskWatcher | None = None
         self._ready = False
+        self.problem = ""
 
     # ----------------------------------------------------------- lifecycle
     def adopt(self, records: list[VolumeRecord]) -> None:
@@ -144,7 +146,12 @@ class DiskPool(BlockDevicePool):
             return
         watcher = disks.DiskWatcher(self.selector, self._on_change,
                                     resync_seconds=self.resync_seconds)
-        watcher.start()
+        try:
+            watcher.start()
+        except DomainError as exc:
+            self.problem = str(exc)
+            raise
+        self.problem = ""
         self._watcher = watcher
         self._ready = True
 
@@ -318,6 +325,8 @@ class DiskPool(BlockDevicePool):
             refused = [{"id": k, "state": "refused", "reason": r}
                        for k, r in sorted(self._refused.items())]
         detail: dict[str, object] = {"mode": self.mode, "disks": used + refused}
+        if self.problem:
+            detail["problem"] = self.problem
         if self.subvolumes:
             detail["volume_kind"] = "subvolume"
             with self._lock:

@@ -31,6 +31,7 @@ from csi_driver.pools.devices import BlockDevicePool
 from csi_driver.store import READY, SnapshotRecord, VolumeRecord, fsync_dir, remove_durably
 from plugin_runtime import commands
 from plugin_runtime.errors import (
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -76,14 +77,29 @@ class ImagePool(BlockDevicePool):
         self.volume_dir = os.path.join(self.path, "volumes")
         self.snapshot_dir = os.path.join(self.path, "snapshots")
         self._ready = False
+        self.problem = ""
         # Serializes "check capacity, then allocate" so concurrent creates cannot
         # both take the last free bytes.
         self.alloc_lock = threading.Lock()
 
     def start(self) -> None:
         for d in (self.path, self.volume_dir, self.snapshot_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                self.problem = (f"cannot create the directory {d} of image pool {self.name}: "
+                                f"{exc.strerror or exc}")
+                raise FailedPrecondition(self.problem) from exc
+        self.problem = ""
         self._ready = True
+
+    def inspect(self) -> None:
+        """For ``csi-driver pools``: ``start``, a failure shown as the pool's problem."""
+        with contextlib.suppress(FailedPrecondition):
+            self.start()
+
+    def describe(self) -> dict[str, object]:
+        return {"problem": self.problem} if self.problem else {}
 
     def stop(self) -> None:
         self._ready = False

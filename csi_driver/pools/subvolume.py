@@ -165,9 +165,8 @@ class SubvolumePool:
             self._reapply_limits()
             with contextlib.suppress(DomainError):
                 btrfs.remove_stale_qgroups(self.path)
-        except DomainError as exc:
+        except (DomainError, OSError) as exc:
             self.problem = str(exc)
-            log.error("pool %s cannot start: %s", self.name, exc)
             raise
         self.problem = ""
         self._ready = True

@@ -498,14 +498,28 @@ def test_pool_on_a_path_that_is_not_btrfs_is_refused():
         found = btrfs.filesystem_name(str(plain))[1]
         assert f"{plain} is on {found}" in problem and "not btrfs" in problem, problem
         assert "mkfs.btrfs" in problem and "image-file pool" in problem, problem
-        # The driver says it is not ready, logs why, and creates nothing there.
+        # With no pool that can serve, Probe fails naming the pool and its problem (not
+        # "still starting"), the log says why, and a create gets the problem too.
         assert wait_until(driver.socket.exists, 30)
         assert wait_until(lambda: "not btrfs" in driver.log_tail(), 30), driver.log_tail()
-        probe = driver.csi().identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
-        assert probe.HasField("ready") and not probe.ready.value
+
+        def probe_failure() -> grpc.RpcError | None:
+            try:
+                driver.csi().identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+            except grpc.RpcError as err:
+                return err
+            return None
+
+        assert wait_until(probe_failure, 30), driver.log_tail()
+        failure = probe_failure()
+        assert failure is not None and failure.code() == Code.FAILED_PRECONDITION
+        assert failure.details() == (
+            f"no pool can serve volumes: pool {POOL} failed to start: {problem}")
         with pytest.raises(grpc.RpcError) as refused:
             driver.csi().create(f"pvc-{uuid.uuid4()}", size=16 * MiB, params=PARAMS)
-        assert refused.value.code() in (Code.UNAVAILABLE, Code.FAILED_PRECONDITION)
+        assert refused.value.code() == Code.FAILED_PRECONDITION, refused.value.details()
+        assert refused.value.details() == (f"pool {POOL} failed to start and serves no "
+                                           f"volumes until the driver restarts: {problem}")
         assert not os.path.exists(plain / "pool" / "volumes")
     finally:
         driver.cleanup()

@@ -17,7 +17,13 @@ from csi_driver.volumes import (
     CreateRequest,
     VolumeService,
 )
-from plugin_runtime.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from plugin_runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[3]
@@ -185,12 +191,48 @@ def test_requests_before_the_pools_are_ready_are_unavailable(tmp_path):
                                       "path": str(tmp_path / "a")}]}, str(tmp_path))
     pool = ImagePool(config.pools[0])  # not started
     svc = Provisioner(VolumeService(config, "n", Store(str(tmp_path / "s")), [pool]))
-    assert not svc.volumes.ready
-    with pytest.raises(Unavailable):
+    assert not svc.volumes.probe()
+    with pytest.raises(Unavailable, match="pool a is not ready yet"):
         svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,), required_bytes=MiB))
     cap, _ = svc.get_capacity({}, [], None)
     assert cap is None
     pool.start()
-    assert svc.volumes.ready
+    assert svc.volumes.probe()
     assert svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,),
                                            required_bytes=MiB)).capacity_bytes == MiB
+
+
+def test_a_pool_that_failed_to_start_says_why_and_the_others_serve(tmp_path):
+    """A failed start is no "starting" state: FAILED_PRECONDITION with the pool's
+    problem, while the healthy pool serves and Probe says ready."""
+    (tmp_path / "file").write_text("")
+    config = parse_config({"pools": [
+        {"name": "good", "type": "image", "path": str(tmp_path / "good")},
+        {"name": "bad", "type": "image", "path": str(tmp_path / "file" / "bad")},
+    ]}, str(tmp_path))
+    good, bad = ImagePool(config.pools[0]), ImagePool(config.pools[1])
+    volumes = VolumeService(config, "n", Store(str(tmp_path / "s")), [good, bad])
+    svc = Provisioner(volumes)
+    good.start()
+    assert not volumes.probe()  # "bad" has not started yet
+    with pytest.raises(FailedPrecondition) as failed:
+        bad.start()
+    assert not bad.ready and bad.describe() == {"problem": bad.problem}
+    assert f"{tmp_path / 'file' / 'bad'} of image pool bad: Not a directory" in bad.problem
+    with pytest.raises(FailedPrecondition) as refused:
+        svc.create_volume(CreateRequest(name="v", capabilities=(BLOCK,), required_bytes=MiB,
+                                        parameters={"pool": "bad"}))
+    assert str(refused.value).startswith("pool bad failed to start")
+    assert str(refused.value).endswith(str(failed.value))
+    assert volumes.probe()
+    vol = svc.create_volume(CreateRequest(name="w", capabilities=(BLOCK,),
+                                          required_bytes=MiB, parameters={"pool": "good"}))
+    assert vol.pool == "good"
+    good.stop()
+    good.problem = "gone"  # what a failed start of the last serving pool leaves
+    condition = volumes.condition(vol)  # ControllerGetVolume, ListVolumes
+    assert condition.abnormal and condition.message == (
+        "pool good failed to start and serves no volumes until the driver restarts: gone")
+    with pytest.raises(FailedPrecondition, match="no pool can serve volumes: pool good "
+                       "failed to start: gone; pool bad failed to start: cannot create"):
+        volumes.probe()
