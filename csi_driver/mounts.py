@@ -272,10 +272,25 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return [_parse_line(line) for line in text.split("\n") if line]
 
 
-def read_mounts() -> list[MountEntry]:
-    """The mount table of this process's mount namespace."""
+def read_mounts(containing: str = "") -> list[MountEntry]:
+    """The mount table of this process's mount namespace.
+
+    With ``containing``, only the lines holding that text are parsed (a node
+    with many pods has hundreds of mounts, and the node RPCs look for one): the
+    caller still checks the fields, the text only skips lines that cannot match.
+    """
     with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as handle:
-        return parse_mountinfo(handle.read())
+        text = handle.read()
+    if not containing:
+        return parse_mountinfo(text)
+    return [_parse_line(line) for line in text.split("\n") if containing in line]
+
+
+def escape(path: str) -> str:
+    """``path`` as mountinfo writes it (space, tab, newline and backslash in octal)."""
+    if not any(c in path for c in " \t\n\\"):
+        return path
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
 
 
 def _canonical(path: str) -> str:
@@ -294,7 +309,10 @@ def _topmost(entries: Iterable[MountEntry], mount_point: str) -> MountEntry | No
 
 def find_mount(path: str, entries: Sequence[MountEntry] | None = None) -> MountEntry | None:
     """The top-most mount whose mount point is exactly ``path`` (after resolving it)."""
-    return _topmost(read_mounts() if entries is None else entries, _canonical(path))
+    point = _canonical(path)
+    if entries is None:
+        entries = read_mounts(f" {escape(point)} ")
+    return _topmost(entries, point)
 
 
 def is_mountpoint(path: str) -> bool:

@@ -114,7 +114,8 @@ class SubvolumeMounts:
             and f"subvolid={self.subvolume_id}" in entry.super_options
 
     def mounts(self) -> list[mounts.MountEntry]:
-        return [e for e in mounts.read_mounts() if self.matches(e)]
+        return [e for e in mounts.read_mounts(f"subvolid={self.subvolume_id}")
+                if self.matches(e)]
 
 
 class SubvolumePool:
@@ -139,6 +140,7 @@ class SubvolumePool:
         self.quota: btrfs.QuotaStatus | None = None
         self.quota_reason = ""
         self.problem = ""
+        self._fs_device_cache: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     # ----------------------------------------------------------- lifecycle
     def adopt(self, records: list[VolumeRecord]) -> None:
@@ -358,10 +360,32 @@ class SubvolumePool:
             subvolume_id = btrfs.subvolume_id(path)
         except NotFound:
             return None
-        holder = _holder(self.path, mounts.read_mounts())
+        fs_device = self._fs_device()
+        if fs_device is None:
+            return None
+        return SubvolumeMounts(fs_device, subvolume_id)
+
+    def _pool_mount(self) -> mounts.MountEntry | None:
+        return _holder(self.path, mounts.read_mounts(" - btrfs "))
+
+    def _fs_device(self) -> tuple[int, int] | None:
+        """The device numbers mountinfo gives the pool filesystem (not ``st_dev``: btrfs
+        gives each subvolume its own).  Looked up once per pool-path inode and device,
+        as every node RPC asks: a remount of the pool filesystem changes the ``st_dev``
+        of the path and so looks it up again."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        key = (st.st_dev, st.st_ino)
+        cached = self._fs_device_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        holder = self._pool_mount()
         if holder is None:
             return None
-        return SubvolumeMounts((holder.major, holder.minor), subvolume_id)
+        self._fs_device_cache = (key, (holder.major, holder.minor))
+        return holder.major, holder.minor
 
     def stage(self, rec: VolumeRecord, staging: Staging, save: SaveRecord) -> str:
         self.check_access(staging.block)
@@ -388,9 +412,8 @@ class SubvolumePool:
             # The subvolume was deleted behind the driver's back (the kernel allows it
             # while mounted): its stage is then an empty btrfs mount of the pool's
             # filesystem at the path the record gives; take that away.
-            holder = _holder(self.path, mounts.read_mounts())
-            if holder is not None and rec.staging is not None and rec.staging.path == path:
-                pool_fs = (holder.major, holder.minor)
+            pool_fs = self._fs_device()
+            if pool_fs is not None and rec.staging is not None and rec.staging.path == path:
                 mounts.unmount_matching(path, lambda e: e.fs_type == "btrfs"
                                         and (e.major, e.minor) == pool_fs)
             return
@@ -434,7 +457,7 @@ class SubvolumePool:
                                        f"{rec.capacity_bytes} bytes)")
         except DomainError as exc:
             return Condition(True, f"cannot read the quota of volume {rec.id}: {exc}")
-        holder = _holder(self.path, mounts.read_mounts())
+        holder = self._pool_mount()
         if holder is not None:
             problem = filesystems.filesystem_error(
                 holder.source, "btrfs", rec.staging.path if rec.staging else path)

@@ -120,3 +120,16 @@ def test_unmount_does_not_follow_a_symlink_target(scratch: Scratch, ext4_device:
     mounts.unmount(link)  # the link itself is not a mount point: no-op
     assert mounts.is_mountpoint(target)
     assert mounts.find_mount(link) is not None  # lookups do resolve the link
+
+
+@pytest.mark.parametrize("name", ["with space", "tab\there", "back\\slash", "new\nline", "a b"])
+def test_find_mount_finds_a_real_mount_point_whose_name_the_kernel_escapes(
+    scratch: Scratch, ext4_device: str, name: str
+):
+    """find_mount reads only the mountinfo lines holding the escaped path: a path the
+    kernel escapes must still be found, and a prefix of it must not be."""
+    target = scratch.mount(ext4_device, name, "ext4", ())
+    entry = mounts.find_mount(target)
+    assert entry is not None and entry.mount_point == target and entry.source == ext4_device
+    assert mounts.find_mount(os.path.dirname(target) + "/" + name[:1]) is None
+    assert mounts.is_mountpoint(target)

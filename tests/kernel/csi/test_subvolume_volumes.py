@@ -572,3 +572,45 @@ def test_by_default_a_clone_holds_no_more_than_its_capacity():
     finally:
         if not mounts_under(base):
             shutil.rmtree(base, ignore_errors=True)
+
+
+def test_volumes_stage_and_publish_after_the_pool_filesystem_is_mounted_again():
+    """The pool remembers the device numbers of its filesystem's mount (every node RPC
+    needs them); a remount gives the filesystem new ones, and stage, publish and their
+    undoing must follow, not keep matching the old numbers."""
+    from csi_driver import mounts
+
+    with subvolume_driver("full") as sv:
+        vols = Volumes(sv)
+        try:
+            vol = vols.up(vols.create(16 * MiB))
+            with open(vol.file("before"), "wb") as handle:
+                handle.write(b"kept")
+            vols.csi.unpublish(vol.id, vol.target)
+            vols.csi.unstage(vol.id, vol.staging)
+            pool_mount = mounts.find_mount(str(sv.fs))
+            assert pool_mount is not None
+            before = (pool_mount.major, pool_mount.minor)
+            mounts.unmount(str(sv.fs))
+            other_base = Path(tempfile.mkdtemp(prefix="csisv2", dir="/tmp"))
+            try:
+                # Another btrfs takes the numbers the pool filesystem just gave back.
+                with btrfs_mount(other_base, size=256 * MiB):
+                    mounts.mount(pool_mount.source, str(sv.fs), "btrfs", ())
+                    again = mounts.find_mount(str(sv.fs))
+                    assert again is not None and (again.major, again.minor) != before
+                    vols.up(vol)
+                    with open(vol.file("before"), "rb") as handle:
+                        assert handle.read() == b"kept"
+                    published = mounts.find_mount(vol.target)
+                    assert published is not None
+                    assert (published.major, published.minor) == (again.major, again.minor)
+                    vols.csi.unpublish(vol.id, vol.target)
+                    vols.csi.unstage(vol.id, vol.staging)
+                    vol.target = vol.staging = ""
+                    assert not mounts_under(sv.driver.kubelet_root)
+            finally:
+                if not mounts_under(other_base):
+                    shutil.rmtree(other_base, ignore_errors=True)
+        finally:
+            vols.close()

@@ -198,3 +198,10 @@ def test_validation_never_accepts_smuggling_or_paths(option):
     assert not any(ch.isspace() for ch in option)
     key = option.partition("=")[0]
     assert key not in {"loop", "offset", "sizelimit", "suid", "dev", "subvol", "user"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+               max_size=40))
+def test_escape_writes_paths_as_mountinfo_does(path):
+    assert mounts.escape(path) == _kernel_escape(path)
