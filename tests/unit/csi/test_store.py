@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from csi_driver import store as store_mod
 from csi_driver.store import (
     Publication,
     SnapshotRecord,
+    SpareFiles,
     Staging,
     Store,
     VolumeRecord,
@@ -298,6 +302,89 @@ def test_handed_out_records_are_copies(tmp_path):
     rec.parameters["z"] = "w"
     rec.publications["/k/t"].mount_flags.append("ro")
     assert s.volume(rec.id) == expected
+
+
+def _wait(condition, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _spy_spares(monkeypatch):
+    """The ``spare`` argument of every write_atomically call."""
+    used: list[str | None] = []
+    real = store_mod.write_atomically
+
+    def spy(path, payload, *, durable=True, spare=None):
+        used.append(spare)
+        real(path, payload, durable=durable, spare=spare)
+
+    monkeypatch.setattr(store_mod, "write_atomically", spy)
+    return used
+
+
+def test_writes_fill_and_rename_spare_files_made_ahead(tmp_path, monkeypatch):
+    s = Store(str(tmp_path))
+    try:
+        used = _spy_spares(monkeypatch)
+        first = record(name="first")
+        s.put_volume(first)  # no spare yet: a temp file, and the filler starts
+        assert used == [None]
+        _wait(lambda: s.spares.made == SpareFiles.KEEP, "the spares")
+        rec = staged()
+        s.put_volume(rec)  # the record, then its node state: a spare each
+        assert len(used) == 3 and all(used[1:]) and used[1] != used[2]
+        assert not any(os.path.exists(str(path)) for path in used[1:]), "renamed into place"
+        assert sorted(os.listdir(s.volume_dir)) == sorted(
+            [f"{first.id}.json", f"{rec.id}.json"])
+        assert os.listdir(s.node_dir) == [f"{rec.id}.json"]
+        again = Store(str(tmp_path))
+        assert again.volume(rec.id) == rec
+        assert os.listdir(s.spares.directory) == [], "a new store removes the old spares"
+    finally:
+        s.close()
+
+
+def test_spares_are_not_used_for_a_directory_on_another_filesystem(tmp_path, monkeypatch):
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("the test needs /dev/shm on another filesystem than the temp dir")
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        (tmp_path / "volumes").symlink_to(elsewhere)
+        s = Store(str(tmp_path))
+        try:
+            used = _spy_spares(monkeypatch)
+            s.put_volume(staged())  # the node state asks for a spare: the filler starts
+            _wait(lambda: s.spares.made == SpareFiles.KEEP, "the spares")
+            del used[:]
+            s.put_volume(staged(name="pvc-staged"))
+            for n in range(3):
+                s.put_volume(record(name=f"pvc-{n}"))
+            assert used[0] is None and used[1] is not None, "node state: same filesystem"
+            assert used[2:] == [None] * 3, "records on another filesystem: no spares"
+            assert len(Store(str(tmp_path)).volumes()) == 5
+        finally:
+            s.close()
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_a_spare_that_vanished_falls_back_to_a_temp_file(tmp_path):
+    target = tmp_path / "x.json"
+    store_mod.write_atomically(str(target), b"{}", spare=str(tmp_path / "gone"))
+    assert target.read_bytes() == b"{}"
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_the_spare_filler_stops_when_the_store_closes(tmp_path):
+    s = Store(str(tmp_path))
+    s.put_volume(record())
+    _wait(lambda: s.spares.made >= SpareFiles.KEEP, "the spares")
+    s.close()
+    _wait(lambda: not s.spares.filling, "the filler to end")
+    s.put_volume(record(name="after-close"))  # still writes, without new spares
+    assert len(Store(str(tmp_path)).volumes()) == 2
 
 
 @pytest.mark.parametrize("value", [
