@@ -530,6 +530,13 @@ class Store:
             recs = sorted(self._volumes.values(), key=lambda r: (r.created_at, r.id))
             return [r.copy() for r in recs]
 
+    def volumes_in(self, pool: str) -> list[VolumeRecord]:
+        """The records of ``pool`` as stored, not copied: READ ONLY (capacity sums them on
+        every CreateVolume and GetCapacity; copying every record there grew with the
+        number of volumes)."""
+        with self._lock:
+            return [r for r in self._volumes.values() if r.pool == pool]
+
     def put_volume(self, rec: VolumeRecord) -> None:
         """Persist all of ``rec``: the record durably, then its node state if it changed."""
         self._write(self.volume_dir, rec.id, _encode(rec.to_json()), durable=True)

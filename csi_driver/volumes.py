@@ -203,11 +203,8 @@ class VolumeService:
             raise NotFound(f"volume {volume_id} does not exist")
         return rec
 
-    def provisioned(self, pool: str) -> int:
-        return sum(r.capacity_bytes for r in self.store.volumes() if r.pool == pool)
-
     def capacity(self, pool: Pool, thin: bool) -> Capacity:
-        records = [r for r in self.store.volumes() if r.pool == pool.name]
+        records = self.store.volumes_in(pool.name)  # read only
         return pool.capacity(thin, sum(r.capacity_bytes for r in records), records)
 
     def condition(self, rec: VolumeRecord) -> Condition:
@@ -221,7 +218,7 @@ class VolumeService:
     def pool_reports(self) -> list[PoolReport]:
         reports = []
         for pool in self.pools.values():
-            count = sum(1 for r in self.store.volumes() if r.pool == pool.name)
+            count = len(self.store.volumes_in(pool.name))
             thin = thick = None
             if pool.ready:
                 thin = self.capacity(pool, True)

@@ -198,7 +198,8 @@ class Pool(Protocol):
         self, thin: bool, provisioned: int, records: Sequence[VolumeRecord] = ()
     ) -> Capacity:
         """Capacity figures given what is already promised to volumes of this pool
-        (``provisioned`` bytes in total; ``records``: those volumes)."""
+        (``provisioned`` bytes in total; ``records``: those volumes, the store's own
+        objects: read them, never change them)."""
 
     def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
         """Create the backing of ``rec`` (size ``rec.capacity_bytes``), optionally with the

@@ -387,6 +387,16 @@ def test_the_spare_filler_stops_when_the_store_closes(tmp_path):
     assert len(Store(str(tmp_path)).volumes()) == 2
 
 
+def test_volumes_in_gives_one_pools_records(tmp_path):
+    s = Store(str(tmp_path))
+    a, b, c = record(name="a"), record(name="b", pool="other"), record(name="c")
+    for rec in (a, b, c):
+        s.put_volume(rec)
+    assert sorted(r.id for r in s.volumes_in("default")) == sorted([a.id, c.id])
+    assert [r.id for r in s.volumes_in("other")] == [b.id]
+    assert s.volumes_in("none") == []
+
+
 @pytest.mark.parametrize("value", [
     "", "vol-", "vol-../../etc", "vol-" + "0" * 31, "vol-" + "g" * 32, "../vol-" + "0" * 32,
     "snap-" + "0" * 32, "vol-" + "0" * 32 + "/x", "vol-" + "A" * 32,
