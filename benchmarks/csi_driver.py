@@ -108,8 +108,10 @@ class Bench:
         parent.mkdir(parents=True, exist_ok=True)
         return str(staging), str(parent / "mount")
 
-    def up(self, vid: str, fs: str) -> tuple[str, str]:
-        staging, target = self.paths(vid)
+    def up(self, vid: str, fs: str, paths: tuple[str, str] | None = None) -> tuple[str, str]:
+        """NodeStage + NodePublish; ``paths`` from ``self.paths`` made beforehand (the
+        kubelet's directories are not the driver's time)."""
+        staging, target = paths or self.paths(vid)
         self.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
             volume_id=vid, staging_target_path=staging, volume_capability=cap(fs)), timeout=120)
         self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
@@ -171,8 +173,9 @@ def bench_stage_publish(b: Bench, n: int) -> None:
     times = []
     for _ in range(n):
         vid = b.create(GiB, "ext4")
+        where = b.paths(vid)  # the kubelet makes these before it calls NodeStage
         t = time.perf_counter()
-        staging, target = b.up(vid, "ext4")
+        staging, target = b.up(vid, "ext4", where)
         times.append(time.perf_counter() - t)
         b.down(vid, staging, target)
         b.delete(vid)
