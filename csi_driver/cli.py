@@ -127,7 +127,7 @@ def _pools(args: argparse.Namespace) -> int:
 
     configure_logging("warning")
     config = load_config(args.config, args.state_dir)
-    store = Store(args.state_dir)
+    store = Store(args.state_dir, read_only=True)  # the driver may be running
     pools = build_pools(config, args.state_dir)
     for pool in pools:
         inspect = getattr(pool, "inspect", None)

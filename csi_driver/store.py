@@ -397,20 +397,27 @@ class Store:
     Records handed out are copies: mutate, then ``put_*`` to persist.
     ``put_volume`` persists everything (the record durably, the node state as
     node state is); ``put_node`` only the staging and publications.
+
+    ``read_only``: for a look at a running driver's state (``csi-driver pools``):
+    nothing is created, tidied or moved, and every ``put_*``/``remove_*`` raises.
     """
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, *, read_only: bool = False) -> None:
         self.state_dir = state_dir
+        self.read_only = read_only
         self.volume_dir = os.path.join(state_dir, "volumes")
         self.snapshot_dir = os.path.join(state_dir, "snapshots")
         self.node_dir = os.path.join(state_dir, "node")
-        for d in (self.volume_dir, self.snapshot_dir, self.node_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        spare_dir = os.path.join(state_dir, "spare")
-        os.makedirs(spare_dir, mode=0o700, exist_ok=True)
-        self.spares = SpareFiles(spare_dir)
-        self._spare_ok = {d: self.spares.same_filesystem(d)
-                          for d in (self.volume_dir, self.snapshot_dir, self.node_dir)}
+        self.spares: SpareFiles | None = None
+        self._spare_ok: dict[str, bool] = {}
+        if not read_only:
+            for d in (self.volume_dir, self.snapshot_dir, self.node_dir):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            spare_dir = os.path.join(state_dir, "spare")
+            os.makedirs(spare_dir, mode=0o700, exist_ok=True)
+            self.spares = SpareFiles(spare_dir)
+            self._spare_ok = {d: self.spares.same_filesystem(d)
+                              for d in (self.volume_dir, self.snapshot_dir, self.node_dir)}
         self._lock = threading.Lock()
         self._volumes: dict[str, VolumeRecord] = {}
         self._snapshots: dict[str, SnapshotRecord] = {}
@@ -421,11 +428,16 @@ class Store:
 
     def _entries(self, directory: str, kind: str) -> Iterator[tuple[str, str]]:
         """(path, id) of the record files of ``directory``; crash leftovers removed."""
-        for entry in sorted(os.listdir(directory)):
+        try:
+            entries = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            if not self.read_only:
+                raise
+            return
+        for entry in entries:
             path = os.path.join(directory, entry)
             if entry.startswith(".") and ".tmp-" in entry:
-                log.warning("removing temp file %s left by an interrupted write", path)
-                os.unlink(path)
+                self._tidy(path, "a temp file left by an interrupted write")
                 continue
             if not entry.endswith(".json") or not is_valid_id(entry[:-5], kind):
                 log.warning("ignoring unexpected file %s in the state dir", path)
@@ -460,9 +472,7 @@ class Store:
             rec = self._volumes.get(volume_id)
             if rec is None:
                 if not os.path.exists(os.path.join(self.volume_dir, f"{volume_id}.json")):
-                    log.warning("removing node state %s: no volume %s is recorded", path,
-                                volume_id)
-                    os.unlink(path)
+                    self._tidy(path, f"node state of volume {volume_id}, which is not recorded")
                 continue  # an unreadable record's: left for the operator with the record
             found.add(volume_id)
             try:
@@ -474,22 +484,40 @@ class Store:
                             "staged nor published", path, exc, volume_id,
                             extra={"volume_id": volume_id})
                 rec.staging, rec.publications = None, {}
-                os.unlink(path)
+                self._tidy(path, "damaged node state")
+        if self.read_only:
+            return
         for rec in self._volumes.values():
             if rec.id not in found and rec.node_json() is not None:
                 self._write_node_state(rec)  # a record from before the split: move it out
 
+    def _tidy(self, path: str, what: str) -> None:
+        """Remove ``path`` (``what`` it is), unless this store only looks."""
+        if self.read_only:
+            log.info("leaving %s in place: %s (a read-only look)", path, what)
+            return
+        log.warning("removing %s: %s", path, what)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     def close(self) -> None:
         """Stop making spare files (the store stays readable and writable)."""
-        self.spares.close()
+        if self.spares is not None:
+            self.spares.close()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"the store of {self.state_dir} was opened read-only")
 
     def _write(self, directory: str, record_id: str, payload: bytes, durable: bool) -> None:
-        spare = self.spares.take() if self._spare_ok[directory] else None
+        self._writable()
+        spare = self.spares.take() if self.spares and self._spare_ok[directory] else None
         write_atomically(os.path.join(directory, f"{record_id}.json"), payload,
                          durable=durable, spare=spare)
 
     def load(self) -> None:
-        self.spares.clear()
+        if self.spares is not None:
+            self.spares.clear()
         with self._lock:
             self._volumes.clear()
             self._snapshots.clear()
@@ -559,6 +587,7 @@ class Store:
             stored.copy_node_state(rec)
 
     def _write_node_state(self, rec: VolumeRecord) -> None:
+        self._writable()
         data = rec.node_json()
         if data is not None:
             self._write(self.node_dir, rec.id, _encode(data), durable=False)
@@ -567,6 +596,7 @@ class Store:
             os.unlink(os.path.join(self.node_dir, f"{rec.id}.json"))
 
     def remove_volume(self, volume_id: str) -> None:
+        self._writable()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.node_dir, f"{volume_id}.json"))
         remove_durably(os.path.join(self.volume_dir, f"{volume_id}.json"))
@@ -598,6 +628,7 @@ class Store:
             self._snapshot_names[rec.name] = rec.id
 
     def remove_snapshot(self, snapshot_id: str) -> None:
+        self._writable()
         remove_durably(os.path.join(self.snapshot_dir, f"{snapshot_id}.json"))
         with self._lock:
             rec = self._snapshots.pop(snapshot_id, None)

@@ -324,6 +324,39 @@ def _spy_spares(monkeypatch):
     return used
 
 
+def spares_of(s: Store) -> SpareFiles:
+    assert s.spares is not None
+    return s.spares
+
+
+def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path):
+    """``csi-driver pools`` looks at a running driver's state dir: it must not remove that
+    driver's temp files, spares or node state, nor move anything."""
+    assert Store(str(tmp_path / "missing"), read_only=True).volumes() == []
+    assert not (tmp_path / "missing").exists()
+    s = Store(str(tmp_path))
+    rec, gone = staged(), staged(name="pvc-gone")
+    s.put_volume(rec)
+    s.put_volume(gone)
+    Path(s.volume_dir, f"{gone.id}.json").unlink()
+    Path(s.volume_dir, f".{rec.id}.json.tmp-1-2").write_text("{")
+    Path(s.node_dir, f"{rec.id}.json").write_text("{damaged")
+    _wait(lambda: len(os.listdir(spares_of(s).directory)) == SpareFiles.KEEP, "the spares")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    look = Store(str(tmp_path), read_only=True)
+    loaded = look.volume(rec.id)
+    assert loaded is not None and loaded.staging is None and [v.id for v in look.volumes()] \
+        == [rec.id]
+    with pytest.raises(RuntimeError, match="read-only"):
+        look.put_volume(rec)
+    with pytest.raises(RuntimeError, match="read-only"):
+        look.put_node(rec)
+    with pytest.raises(RuntimeError, match="read-only"):
+        look.remove_volume(rec.id)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    s.close()
+
+
 def test_writes_fill_and_rename_spare_files_made_ahead(tmp_path, monkeypatch):
     s = Store(str(tmp_path))
     try:
@@ -331,7 +364,7 @@ def test_writes_fill_and_rename_spare_files_made_ahead(tmp_path, monkeypatch):
         first = record(name="first")
         s.put_volume(first)  # no spare yet: a temp file, and the filler starts
         assert used == [None]
-        _wait(lambda: s.spares.made == SpareFiles.KEEP, "the spares")
+        _wait(lambda: spares_of(s).made == SpareFiles.KEEP, "the spares")
         rec = staged()
         s.put_volume(rec)  # the record, then its node state: a spare each
         assert len(used) == 3 and all(used[1:]) and used[1] != used[2]
@@ -341,7 +374,7 @@ def test_writes_fill_and_rename_spare_files_made_ahead(tmp_path, monkeypatch):
         assert os.listdir(s.node_dir) == [f"{rec.id}.json"]
         again = Store(str(tmp_path))
         assert again.volume(rec.id) == rec
-        assert os.listdir(s.spares.directory) == [], "a new store removes the old spares"
+        assert os.listdir(spares_of(s).directory) == [], "a new store removes the old spares"
     finally:
         s.close()
 
@@ -356,7 +389,7 @@ def test_spares_are_not_used_for_a_directory_on_another_filesystem(tmp_path, mon
         try:
             used = _spy_spares(monkeypatch)
             s.put_volume(staged())  # the node state asks for a spare: the filler starts
-            _wait(lambda: s.spares.made == SpareFiles.KEEP, "the spares")
+            _wait(lambda: spares_of(s).made == SpareFiles.KEEP, "the spares")
             del used[:]
             s.put_volume(staged(name="pvc-staged"))
             for n in range(3):
@@ -380,9 +413,9 @@ def test_a_spare_that_vanished_falls_back_to_a_temp_file(tmp_path):
 def test_the_spare_filler_stops_when_the_store_closes(tmp_path):
     s = Store(str(tmp_path))
     s.put_volume(record())
-    _wait(lambda: s.spares.made >= SpareFiles.KEEP, "the spares")
+    _wait(lambda: spares_of(s).made >= SpareFiles.KEEP, "the spares")
     s.close()
-    _wait(lambda: not s.spares.filling, "the filler to end")
+    _wait(lambda: not spares_of(s).filling, "the filler to end")
     s.put_volume(record(name="after-close"))  # still writes, without new spares
     assert len(Store(str(tmp_path)).volumes()) == 2
 
