@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -37,6 +39,8 @@ from plugin_runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _hint(rec: VolumeRecord) -> str:
@@ -161,7 +165,8 @@ class ImagePool(BlockDevicePool):
         # The image is ours and fresh (the record is still "creating", it was never
         # handed out), so mkfs runs on the file itself, without a loop device, and
         # may overwrite a half-made filesystem left by a crash.
-        commands.run(image_mkfs_argv(self.image_path(rec.id), rec.fs_type),
+        prezeroed = rec.fs_type == "ext4" and mke2fs_knows_prezeroed()
+        commands.run(image_mkfs_argv(self.image_path(rec.id), rec.fs_type, prezeroed=prezeroed),
                      timeout=MKFS_TIMEOUT)
 
     def data_path(self, rec: VolumeRecord) -> str:
@@ -246,19 +251,57 @@ class ImagePool(BlockDevicePool):
 
 
 MKFS_TIMEOUT = 300.0
+MKE2FS_VERSION_TIMEOUT = 15.0
+PREZEROED_SINCE = (1, 47, 0)  # e2fsprogs release that added assume_storage_prezeroed
 
 
-def image_mkfs_argv(path: str, fs_type: str) -> list[str]:
+def mke2fs_version(text: str) -> tuple[int, ...] | None:
+    """The version in ``mke2fs -V`` output ("mke2fs 1.47.0 (5-Feb-2023)"), None if absent."""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "mke2fs":
+            parts = words[1].split("-")[0].split(".")
+            if all(part.isdigit() for part in parts):
+                return tuple(int(part) for part in parts)
+    return None
+
+
+@functools.cache
+def mke2fs_knows_prezeroed() -> bool:
+    """Whether this host's mke2fs accepts ``-E assume_storage_prezeroed`` (asked once)."""
+    result = commands.run(["mke2fs", "-V"], timeout=MKE2FS_VERSION_TIMEOUT, check=False)
+    version = mke2fs_version(result.stderr + result.stdout)
+    known = version is not None and version >= PREZEROED_SINCE
+    if not known:
+        log.warning(
+            "mke2fs %s predates assume_storage_prezeroed (e2fsprogs %s): the kernel will zero "
+            "the inode tables of new ext4 image volumes after their first mount, which punches "
+            "that space out of thick images", ".".join(map(str, version or ())) or "(unknown)",
+            ".".join(map(str, PREZEROED_SINCE)),
+        )
+    return known
+
+
+def image_mkfs_argv(path: str, fs_type: str, *, prezeroed: bool = True) -> list[str]:
     """mkfs for a fresh image file.
 
     A new image reads as zeros (sparse, or fallocated extents that are unwritten),
     so ext4 may skip zeroing its journal and inode tables; discard is pointless on
-    a file.  4 KiB blocks/sectors keep the filesystem mountable whatever logical
+    a file.  ``prezeroed`` also tells mke2fs to mark every inode table as zeroed
+    (``assume_storage_prezeroed``, e2fsprogs 1.47): otherwise the kernel's
+    ext4lazyinit thread zeroes them after the first mount with write-zeroes
+    requests, which the loop device turns into hole punches in the image file.
+    Measured on a 2 GiB thick image: 32 MiB of its preallocation gone within a
+    second of the first mount (so the "never ENOSPC" promise no longer held for
+    the inode tables), plus background I/O competing with the volume's first
+    user.  4 KiB blocks/sectors keep the filesystem mountable whatever logical
     block size the loop device inherits from the pool's disk (512 B or 4 KiB).
     """
     if fs_type == "ext4":
-        return ["mkfs.ext4", "-F", "-q", "-b", "4096", "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1", path]
+        extended = "nodiscard,lazy_itable_init=1,lazy_journal_init=1"
+        if prezeroed:
+            extended += ",assume_storage_prezeroed=1"
+        return ["mkfs.ext4", "-F", "-q", "-b", "4096", "-E", extended, path]
     if fs_type == "xfs":
         return ["mkfs.xfs", "-f", "-q", "-K", "-s", "size=4096", path]
     if fs_type == "btrfs":
