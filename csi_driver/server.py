@@ -115,7 +115,6 @@ class Driver:
         self.server.stop(grace)
         for pool in self.pools:
             pool.stop()
-        self.store.close()
         if self._collector is not None:
             metrics.unregister(self._collector)
             self._collector = None

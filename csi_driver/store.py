@@ -251,25 +251,15 @@ class SnapshotRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def write_atomically(
-    path: str, payload: bytes, *, durable: bool = True, spare: str | None = None
-) -> None:
+def write_atomically(path: str, payload: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``payload`` so that a crash leaves the old or the new file.
 
     ``durable=False`` skips the fsyncs: a killed process still finds the old or the
     new file, but a power loss may lose the change or leave the file empty.
-    ``spare``: an empty file made ahead (``SpareFiles``) on the same filesystem, written
-    and renamed into place instead of a temp file created now.
     """
     directory, base = os.path.split(path)
-    fd = -1
-    if spare is not None:
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
-            tmp = spare
-    if fd < 0:
-        tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(payload)
         while view:
@@ -302,88 +292,6 @@ def remove_durably(path: str) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-class SpareFiles:
-    """Empty files made ahead of need in ``<state-dir>/spare``, one taken per record write.
-
-    Why: creating an inode is a journalled metadata change, and on some hosts a slow
-    one (0.2 ms per file on this project's CI disks, a fifth of a CreateVolume).
-    A write that takes a spare only fills and renames it, and a thread makes the
-    next ones off the RPC's path.  The first writes after a start, or a burst that
-    drains the spares, fall back to a temp file (``write_atomically``).  A spare is
-    only taken for a directory on the spare directory's filesystem (rename cannot
-    cross filesystems).  Leftovers (a crash) are removed at load.
-    """
-
-    KEEP = 16
-    IDLE_SECONDS = 30.0  # the filler thread ends after this long without work
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._device = os.stat(directory).st_dev
-        self._free: list[str] = []
-        self._cond = threading.Condition()
-        self._filler: threading.Thread | None = None
-        self._closed = False
-        self.made = 0  # for tests: how many spares were made
-
-    def clear(self) -> None:
-        """Remove every spare (at load: what an earlier run left)."""
-        with self._cond:
-            self._free.clear()
-            for entry in os.listdir(self.directory):
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    os.unlink(os.path.join(self.directory, entry))
-
-    def same_filesystem(self, directory: str) -> bool:
-        return os.stat(directory).st_dev == self._device
-
-    def take(self) -> str | None:
-        """A spare's path, or None when none is ready (the filler is woken)."""
-        with self._cond:
-            spare = self._free.pop() if self._free else None
-            if self._closed:
-                return spare
-            if self._filler is None:
-                self._filler = threading.Thread(target=self._fill, name="store-spares",
-                                                daemon=True)
-                self._filler.start()
-            else:
-                self._cond.notify()
-            return spare
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    @property
-    def filling(self) -> bool:
-        """A filler thread is running."""
-        filler = self._filler
-        return filler is not None and filler.is_alive()
-
-    def _fill(self) -> None:
-        while True:
-            with self._cond:
-                if len(self._free) >= self.KEEP and not self._closed:
-                    self._cond.wait(self.IDLE_SECONDS)
-                if self._closed or len(self._free) >= self.KEEP:
-                    self._filler = None  # idle or closed: the next take starts another
-                    return
-            path = os.path.join(self.directory, f"spare-{uuid.uuid4().hex}")
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o600))
-            except OSError as exc:
-                log.warning("cannot make a spare record file in %s: %s", self.directory, exc)
-                with self._cond:
-                    self._filler = None
-                return
-            with self._cond:
-                self._free.append(path)
-                self.made += 1
-
-
 def _encode(data: dict[str, Any]) -> bytes:
     # One line: with ``indent`` the json module falls back to its pure-Python encoder,
     # five times slower, on every NodeStage/NodePublish.  ``jq`` formats it for a reader.
@@ -408,16 +316,9 @@ class Store:
         self.volume_dir = os.path.join(state_dir, "volumes")
         self.snapshot_dir = os.path.join(state_dir, "snapshots")
         self.node_dir = os.path.join(state_dir, "node")
-        self.spares: SpareFiles | None = None
-        self._spare_ok: dict[str, bool] = {}
         if not read_only:
             for d in (self.volume_dir, self.snapshot_dir, self.node_dir):
                 os.makedirs(d, mode=0o700, exist_ok=True)
-            spare_dir = os.path.join(state_dir, "spare")
-            os.makedirs(spare_dir, mode=0o700, exist_ok=True)
-            self.spares = SpareFiles(spare_dir)
-            self._spare_ok = {d: self.spares.same_filesystem(d)
-                              for d in (self.volume_dir, self.snapshot_dir, self.node_dir)}
         self._lock = threading.Lock()
         self._volumes: dict[str, VolumeRecord] = {}
         self._snapshots: dict[str, SnapshotRecord] = {}
@@ -500,24 +401,16 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def close(self) -> None:
-        """Stop making spare files (the store stays readable and writable)."""
-        if self.spares is not None:
-            self.spares.close()
-
     def _writable(self) -> None:
         if self.read_only:
             raise RuntimeError(f"the store of {self.state_dir} was opened read-only")
 
     def _write(self, directory: str, record_id: str, payload: bytes, durable: bool) -> None:
         self._writable()
-        spare = self.spares.take() if self.spares and self._spare_ok[directory] else None
         write_atomically(os.path.join(directory, f"{record_id}.json"), payload,
-                         durable=durable, spare=spare)
+                         durable=durable)
 
     def load(self) -> None:
-        if self.spares is not None:
-            self.spares.clear()
         with self._lock:
             self._volumes.clear()
             self._snapshots.clear()

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ from csi_driver import store as store_mod
 from csi_driver.store import (
     Publication,
     SnapshotRecord,
-    SpareFiles,
     Staging,
     Store,
     VolumeRecord,
@@ -304,34 +300,9 @@ def test_handed_out_records_are_copies(tmp_path):
     assert s.volume(rec.id) == expected
 
 
-def _wait(condition, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def _spy_spares(monkeypatch):
-    """The ``spare`` argument of every write_atomically call."""
-    used: list[str | None] = []
-    real = store_mod.write_atomically
-
-    def spy(path, payload, *, durable=True, spare=None):
-        used.append(spare)
-        real(path, payload, durable=durable, spare=spare)
-
-    monkeypatch.setattr(store_mod, "write_atomically", spy)
-    return used
-
-
-def spares_of(s: Store) -> SpareFiles:
-    assert s.spares is not None
-    return s.spares
-
-
 def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path):
     """``csi-driver pools`` looks at a running driver's state dir: it must not remove that
-    driver's temp files, spares or node state, nor move anything."""
+    driver's temp files or node state, nor move anything."""
     assert Store(str(tmp_path / "missing"), read_only=True).volumes() == []
     assert not (tmp_path / "missing").exists()
     s = Store(str(tmp_path))
@@ -341,7 +312,6 @@ def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path):
     Path(s.volume_dir, f"{gone.id}.json").unlink()
     Path(s.volume_dir, f".{rec.id}.json.tmp-1-2").write_text("{")
     Path(s.node_dir, f"{rec.id}.json").write_text("{damaged")
-    _wait(lambda: len(os.listdir(spares_of(s).directory)) == SpareFiles.KEEP, "the spares")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     look = Store(str(tmp_path), read_only=True)
     loaded = look.volume(rec.id)
@@ -354,70 +324,6 @@ def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="read-only"):
         look.remove_volume(rec.id)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
-    s.close()
-
-
-def test_writes_fill_and_rename_spare_files_made_ahead(tmp_path, monkeypatch):
-    s = Store(str(tmp_path))
-    try:
-        used = _spy_spares(monkeypatch)
-        first = record(name="first")
-        s.put_volume(first)  # no spare yet: a temp file, and the filler starts
-        assert used == [None]
-        _wait(lambda: spares_of(s).made == SpareFiles.KEEP, "the spares")
-        rec = staged()
-        s.put_volume(rec)  # the record, then its node state: a spare each
-        assert len(used) == 3 and all(used[1:]) and used[1] != used[2]
-        assert not any(os.path.exists(str(path)) for path in used[1:]), "renamed into place"
-        assert sorted(os.listdir(s.volume_dir)) == sorted(
-            [f"{first.id}.json", f"{rec.id}.json"])
-        assert os.listdir(s.node_dir) == [f"{rec.id}.json"]
-        again = Store(str(tmp_path))
-        assert again.volume(rec.id) == rec
-        assert os.listdir(spares_of(s).directory) == [], "a new store removes the old spares"
-    finally:
-        s.close()
-
-
-def test_spares_are_not_used_for_a_directory_on_another_filesystem(tmp_path, monkeypatch):
-    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
-        pytest.fail("the test needs /dev/shm on another filesystem than the temp dir")
-    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
-    try:
-        (tmp_path / "volumes").symlink_to(elsewhere)
-        s = Store(str(tmp_path))
-        try:
-            used = _spy_spares(monkeypatch)
-            s.put_volume(staged())  # the node state asks for a spare: the filler starts
-            _wait(lambda: spares_of(s).made == SpareFiles.KEEP, "the spares")
-            del used[:]
-            s.put_volume(staged(name="pvc-staged"))
-            for n in range(3):
-                s.put_volume(record(name=f"pvc-{n}"))
-            assert used[0] is None and used[1] is not None, "node state: same filesystem"
-            assert used[2:] == [None] * 3, "records on another filesystem: no spares"
-            assert len(Store(str(tmp_path)).volumes()) == 5
-        finally:
-            s.close()
-    finally:
-        shutil.rmtree(elsewhere)
-
-
-def test_a_spare_that_vanished_falls_back_to_a_temp_file(tmp_path):
-    target = tmp_path / "x.json"
-    store_mod.write_atomically(str(target), b"{}", spare=str(tmp_path / "gone"))
-    assert target.read_bytes() == b"{}"
-    assert os.listdir(tmp_path) == ["x.json"]
-
-
-def test_the_spare_filler_stops_when_the_store_closes(tmp_path):
-    s = Store(str(tmp_path))
-    s.put_volume(record())
-    _wait(lambda: spares_of(s).made >= SpareFiles.KEEP, "the spares")
-    s.close()
-    _wait(lambda: not spares_of(s).filling, "the filler to end")
-    s.put_volume(record(name="after-close"))  # still writes, without new spares
-    assert len(Store(str(tmp_path)).volumes()) == 2
 
 
 def test_volumes_in_gives_one_pools_records(tmp_path):
