@@ -66,6 +66,7 @@ from plugin_runtime.errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -340,6 +341,9 @@ class Provisioner:
             source = src_pool.data_path(src)
             if self.volumes.copy_source is not None and not src_pool.atomic_snapshots:
                 copying = self.volumes.copy_source(src)
+        if copying is None and not pool.records_backing and not (
+                pool.own_filesystem and rec.fs_type and source is None):
+            return self._create_and_record(rec, pool, source)
         try:
             if copying is not None:
                 with copying:
@@ -368,6 +372,36 @@ class Provisioner:
                  rec.capacity_bytes, rec.fs_type or "block",
                  extra={"volume_id": rec.id})
         return rec
+
+    def _create_and_record(self, rec: VolumeRecord, pool: Pool, source: str | None
+                           ) -> VolumeRecord:
+        """The backing made and the record made ready, the record's durable write
+        overlapping the backing's (``Store.put_volume_after``).  Only for kinds whose
+        backing is where the id says (``records_backing`` False: ``allocate`` returns
+        ``data_path``) and that need nothing between allocate and ready (no mkfs)."""
+        ready = rec.copy()
+        ready.backing = pool.data_path(rec)
+        ready.state = READY
+        if source is not None and rec.fs_type and pool.own_filesystem:
+            ready.fs_grow_pending = True  # a copy of a smaller filesystem grows at stage
+
+        def allocate() -> None:
+            backing = pool.allocate(rec, source)
+            if backing != ready.backing:
+                raise Internal(f"pool {pool.name} made volume {rec.id} at {backing}, "
+                               f"not at {ready.backing} where its id says")
+            crash_point("create.after_copy" if source else "create.after_image")
+
+        try:
+            self.store.put_volume_after(ready, allocate)
+        except DomainError:
+            self._abandon(rec)
+            raise
+        crash_point("create.after_ready")
+        log.info("created volume %s (%s) in pool %s: %d bytes, %s", ready.id, ready.name,
+                 ready.pool, ready.capacity_bytes, ready.fs_type or "block",
+                 extra={"volume_id": ready.id})
+        return ready
 
     def _abandon(self, rec: VolumeRecord) -> None:
         """Undo a create that cannot finish (no space, source gone): nothing is left behind."""

@@ -173,7 +173,9 @@ class Pool(Protocol):
     # Each volume carries a filesystem of its own (made at create, grown on the node).
     own_filesystem: bool
     # The backing locator is not derivable from the volume id (which disk holds it):
-    # the record is made durable before the backing is written.
+    # the record is made durable before the backing is written.  When False,
+    # ``allocate`` returns ``data_path(rec)`` (CreateVolume relies on it to write the
+    # ready record while the backing is made).
     records_backing: bool
     # Snapshots and clones are atomic by construction: no freeze of the source needed.
     atomic_snapshots: bool

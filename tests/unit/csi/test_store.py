@@ -358,3 +358,62 @@ def test_names_are_bounded_and_printable():
     validate_name("é" * 64)  # 128 bytes
     with pytest.raises(InvalidArgument):
         validate_name("é" * 65)
+
+
+def test_put_volume_after_replaces_the_record_only_once_the_step_returned(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record(state="creating")
+    s.put_volume(rec)
+    path = Path(s.volume_dir, f"{rec.id}.json")
+    ready = s.volume(rec.id)
+    assert ready is not None
+    ready.state = "ready"
+    seen = []
+
+    def step() -> str:
+        seen.append(json.loads(path.read_text())["state"])
+        return "made"
+
+    assert s.put_volume_after(ready, step) == "made"
+    assert seen == ["creating"], "the record must not change before the step is done"
+    assert json.loads(path.read_text())["state"] == "ready"
+    assert Store(str(tmp_path)).volume(rec.id) == ready
+    assert os.listdir(s.volume_dir) == [f"{rec.id}.json"]
+
+
+def test_put_volume_after_a_failed_step_keeps_the_record_and_leaves_no_file(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record(state="creating")
+    s.put_volume(rec)
+    ready = s.volume(rec.id)
+    assert ready is not None
+    ready.state = "ready"
+
+    def step() -> None:
+        raise InvalidArgument("no room")
+
+    with pytest.raises(InvalidArgument, match="no room"):
+        s.put_volume_after(ready, step)
+    assert os.listdir(s.volume_dir) == [f"{rec.id}.json"], "the new file is removed"
+    again = s.volume(rec.id)
+    assert again is not None and again.state == "creating"
+    assert Store(str(tmp_path)).volume(rec.id) == again
+
+
+def test_crash_in_put_volume_after_before_the_rename_keeps_the_old_record(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record(state="creating")
+    s.put_volume(rec)
+    script = textwrap.dedent(f"""
+        from csi_driver.store import Store
+        s = Store({str(tmp_path)!r})
+        rec = s.volume({rec.id!r})
+        rec.state = "ready"
+        s.put_volume_after(rec, lambda: None)
+    """)
+    env = dict(os.environ, HOSTKIT_CRASH_AT="store.before_rename")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60,
+                          cwd=os.getcwd(), capture_output=True, check=False)
+    assert proc.returncode == -9, proc.stderr
+    again = Store(str(tmp_path)).volume(rec.id)
+    assert again is not None and again.state == "creating"
