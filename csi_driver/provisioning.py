@@ -16,6 +16,10 @@ volume is the pool's (``pools.base.Pool``):
   size and capacity check under the pool's ``alloc_lock`` -> a "creating"
   record -> ``pool.allocate`` (empty, or a copy of a snapshot/volume) ->
   ``pool.format_new`` for kinds with a filesystem per volume -> "ready".
+  Where nothing comes between allocate and "ready" and the backing is where
+  the id says (subvolumes, block image volumes, copies), the "ready" record is
+  written and fsynced while the pool allocates and is renamed into place after
+  it (``_create_and_record``): the two durability waits overlap.
 
 Volumes whose kind has a filesystem of their own get it at CreateVolume
 (``format_new``): NodeStage then only attaches and mounts, which keeps staging
