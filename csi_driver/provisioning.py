@@ -362,9 +362,7 @@ class Provisioner:
             # before the disk is written, so a crash cannot leave an unclaimed formatted disk.
             self.store.put_volume(rec)
         crash_point("create.after_copy" if source else "create.after_image")
-        if source is not None and rec.fs_type and pool.own_filesystem:
-            # A copy of a smaller filesystem: the image is larger, the fs grows at stage.
-            rec.fs_grow_pending = True
+        rec.fs_grow_pending = _grows_at_stage(rec, pool, source)
         if pool.own_filesystem and rec.fs_type and not rec.formatted and source is None:
             pool.format_new(rec)
             rec.formatted = True
@@ -372,9 +370,7 @@ class Provisioner:
         rec.state = READY
         self.store.put_volume(rec)
         crash_point("create.after_ready")
-        log.info("created volume %s (%s) in pool %s: %d bytes, %s", rec.id, rec.name, rec.pool,
-                 rec.capacity_bytes, rec.fs_type or "block",
-                 extra={"volume_id": rec.id})
+        _log_created(rec)
         return rec
 
     def _create_and_record(self, rec: VolumeRecord, pool: Pool, source: str | None
@@ -386,8 +382,7 @@ class Provisioner:
         ready = rec.copy()
         ready.backing = pool.data_path(rec)
         ready.state = READY
-        if source is not None and rec.fs_type and pool.own_filesystem:
-            ready.fs_grow_pending = True  # a copy of a smaller filesystem grows at stage
+        ready.fs_grow_pending = _grows_at_stage(rec, pool, source)
 
         def allocate() -> None:
             backing = pool.allocate(rec, source)
@@ -402,9 +397,7 @@ class Provisioner:
             self._abandon(rec)
             raise
         crash_point("create.after_ready")
-        log.info("created volume %s (%s) in pool %s: %d bytes, %s", ready.id, ready.name,
-                 ready.pool, ready.capacity_bytes, ready.fs_type or "block",
-                 extra={"volume_id": ready.id})
+        _log_created(ready)
         return ready
 
     def _abandon(self, rec: VolumeRecord) -> None:
@@ -610,3 +603,14 @@ class Provisioner:
         crash_point("expand.after_grow_image")
         log.info("grew volume %s to %d bytes", rec.id, wanted, extra={"volume_id": rec.id})
         return wanted
+
+
+def _grows_at_stage(rec: VolumeRecord, pool: Pool, source: str | None) -> bool:
+    """A copy of a smaller filesystem into a larger image: its fs grows at NodeStage."""
+    return rec.fs_grow_pending or (source is not None and bool(rec.fs_type)
+                                   and pool.own_filesystem)
+
+
+def _log_created(rec: VolumeRecord) -> None:
+    log.info("created volume %s (%s) in pool %s: %d bytes, %s", rec.id, rec.name, rec.pool,
+             rec.capacity_bytes, rec.fs_type or "block", extra={"volume_id": rec.id})
