@@ -39,6 +39,7 @@ from tests.e2e.binaries import ROOT
 from tests.e2e.cluster import Node as ClusterNode
 from tests.e2e.daemonsets import HostPod, apply_objects, render
 from tests.e2e.processes import Daemon
+from tests.loop_devices import LoopDevices, sparse_file
 
 DS = "hostkit-device-plugin"
 CONTAINER = "device-plugin"
@@ -50,42 +51,14 @@ CDI_PROBE = "/hostkit-cdi-probe"
 WAIT = 60.0
 
 
-class Loops:
-    """Loop devices over files in the run's directory; detached at the end."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(exist_ok=True)
-        self.attached: list[str] = []
-        self._n = 0
-
-    def attach(self) -> str:
-        self._n += 1
-        backing = self.directory / f"disk{self._n}.img"
-        with open(backing, "wb") as f:
-            f.truncate(16 * 1024 * 1024)
-        dev = commands.run(["losetup", "--find", "--show", str(backing)], timeout=30).stdout
-        self.attached.append(dev.strip())
-        return dev.strip()
-
-    def detach(self, dev: str) -> None:
-        commands.run(["losetup", "--detach", dev], timeout=30)
-        self.attached.remove(dev)
-
-    def cleanup(self) -> None:
-        for dev in list(self.attached):
-            commands.run(["blockdev", "--setrw", dev], timeout=30, check=False)
-            commands.run(["losetup", "--detach", dev], timeout=30, check=False)
-            self.attached.remove(dev)
-
-
 class Plugins:
     """The two device-plugin host processes of the module."""
 
-    def __init__(self, cluster: ClusterNode, loops: Loops) -> None:
+    def __init__(self, cluster: ClusterNode, loops: LoopDevices, loop_dir: Path) -> None:
         self.cluster = cluster
         self.client: Client = cluster.cp.client()
         self.loops = loops
+        self.loop_dir = loop_dir  # the backing files of the loop devices the config matches
         run = cluster.run
         docs = render(cluster.binaries["kubectl"])
         apply_objects(self.client, docs, ["Namespace", "ServiceAccount", "ConfigMap"])
@@ -119,7 +92,7 @@ class Plugins:
         config = yaml.safe_load((ROOT / "examples/device-plugin/loop-devices.yaml").read_text())
         (resource,) = config["resources"]
         for match in resource["match"]:
-            match["attributes"]["loop/backing_file"] = f"{self.loops.directory}/*"
+            match["attributes"]["loop/backing_file"] = f"{self.loop_dir}/*"
         resource["mounts"] = [{"host_path": str(self.cdi_probe), "container_path": CDI_PROBE,
                                "read_only": True}]
         resource["env"] = {"HOSTKIT_LOOP_IDS": "{ids}"}
@@ -165,11 +138,12 @@ def _http_ok(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def plugins(cluster: ClusterNode) -> Iterator[Plugins]:
-    loops = Loops(cluster.run.directory / "loops")
+    loops, loop_dir = LoopDevices(), cluster.run.directory / "loops"
+    loop_dir.mkdir(exist_ok=True)
     started = None
     try:
-        loops.attach()
-        started = Plugins(cluster, loops)
+        loops.attach(sparse_file(loop_dir, "disk1.img"))
+        started = Plugins(cluster, loops, loop_dir)
         started.start(started.default, started.default_pod)
         started.start(started.loop, started.loop_pod)
         yield started
@@ -367,7 +341,7 @@ def test_hotplug_changes_capacity_and_unhealthy_leaves_allocatable(
     node = cluster.node_name
     wait_allocatable(client, node, {LOOP: "1"}, capacity={LOOP: "1"})
     attached = time.monotonic()
-    second = plugins.loops.attach()
+    second = plugins.loops.attach(sparse_file(plugins.loop_dir, "disk2.img"))
     wait_allocatable(client, node, {LOOP: "2"}, capacity={LOOP: "2"})
     figure(f"loop device attached -> in the Node's capacity: {time.monotonic() - attached:.1f} s "
            "(the kubelet posts node status every 10 s)")

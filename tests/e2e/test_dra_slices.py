@@ -33,6 +33,7 @@ from device_plugin.plugin import DevicePluginDomain
 from device_plugin.registry import Catalog
 from device_plugin.slice_publisher import SlicePublisher, quantity_value
 from plugin_runtime import commands
+from tests.loop_devices import LoopDevices, sparse_file
 
 WAIT = 30.0
 DRIVER = "dra.hostkit.io"
@@ -50,34 +51,6 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
 
 
-class Loops:
-    """Loop devices this module attached over files of its own directory; all detached
-    at the end whatever happened."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.attached: list[str] = []
-
-    def attach(self, name: str, size_mib: int = 8, read_only: bool = False) -> str:
-        backing = self.directory / name
-        with open(backing, "wb") as f:
-            f.truncate(size_mib << 20)
-        argv = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []),
-                str(backing)]
-        dev = commands.run(argv, timeout=30).stdout.strip()
-        self.attached.append(dev)
-        return dev
-
-    def detach(self, dev: str) -> None:
-        commands.run(["losetup", "--detach", dev], timeout=30)
-        self.attached.remove(dev)
-
-    def cleanup(self) -> None:
-        for dev in list(self.attached):
-            commands.run(["losetup", "--detach", dev], timeout=30, check=False)
-            self.attached.remove(dev)
-
-
 @pytest.fixture
 def private_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(dir="/tmp", prefix="hkdra-"))
@@ -88,8 +61,8 @@ def private_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def loops(private_dir: Path) -> Iterator[Loops]:
-    devices = Loops(private_dir)
+def loops() -> Iterator[LoopDevices]:
+    devices = LoopDevices()
     try:
         yield devices
     finally:
@@ -175,8 +148,8 @@ def test_real_validation_accepts_every_attribute_type_capacity_and_owner(
     api, access, loops, private_dir, node_name
 ):
     node = api.create(Node(metadata=ObjectMeta(name=node_name)))
-    loops.attach("rw.img", size_mib=8)
-    loops.attach("ro.img", size_mib=4, read_only=True)
+    loops.attach(sparse_file(private_dir, "rw.img", size_mib=8))
+    loops.attach(sparse_file(private_dir, "ro.img", size_mib=4), read_only=True)
     domain = DevicePluginDomain(config=loop_config(private_dir), watch_config=False)
     publisher = SlicePublisher(domain.catalog, lambda: make_client(access), node_name)
     with running(domain, publisher):
@@ -250,14 +223,14 @@ def test_a_pool_of_300_devices_is_split_into_slices_of_at_most_128(api, access, 
 
 
 def test_real_uevents_update_the_slices(api, access, loops, private_dir, node_name):
-    loops.attach("a.img")
+    loops.attach(sparse_file(private_dir, "a.img"))
     domain = DevicePluginDomain(config=loop_config(private_dir), watch_config=False)
     publisher = SlicePublisher(domain.catalog, lambda: make_client(access), node_name)
     with running(domain, publisher):
         wait_for(lambda: backing_files(api, node_name) == {str(private_dir / "a.img")},
                  "the first loop device published")
         generation = our_slices(api, node_name)[0].spec.pool.generation
-        dev = loops.attach("b.img")
+        dev = loops.attach(sparse_file(private_dir, "b.img"))
         wait_for(lambda: len(backing_files(api, node_name)) == 2, "the attached loop device")
         assert our_slices(api, node_name)[0].spec.pool.generation > generation
         loops.detach(dev)
@@ -275,8 +248,8 @@ def test_a_health_change_updates_the_slices(api, access, loops, private_dir, nod
       healthy_values: ["0"]
       interval_seconds: 0.2
 """
-    keep = loops.attach("keep.img")
-    flip = loops.attach("flip.img")
+    keep = loops.attach(sparse_file(private_dir, "keep.img"))
+    flip = loops.attach(sparse_file(private_dir, "flip.img"))
     domain = DevicePluginDomain(config=loop_config(private_dir, health), watch_config=False)
     publisher = SlicePublisher(domain.catalog, lambda: make_client(access), node_name)
     both = {str(private_dir / "keep.img"), str(private_dir / "flip.img")}

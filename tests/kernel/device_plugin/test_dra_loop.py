@@ -27,13 +27,8 @@ from device_plugin.dra.lifecycle import DraPlugin
 from device_plugin.dra.prepare import ClaimPreparer
 from device_plugin.plugin import DevicePluginDomain
 from tests.grpc.dra.doubles import FakeClaims, claim_object
-from tests.kernel.device_plugin.test_loop_hotplug import (
-    WAIT,
-    LoopDevices,
-    config_for,
-    sparse_file,
-    wait_until,
-)
+from tests.kernel.device_plugin.test_loop_hotplug import WAIT, config_for, wait_until
+from tests.loop_devices import LoopDevices, sparse_file
 
 DRIVER = "hostkit.io"
 NODE = "kernel-node"

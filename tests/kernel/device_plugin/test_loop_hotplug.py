@@ -25,6 +25,7 @@ from device_plugin.plugin import DevicePluginDomain, discover
 from device_plugin.registry import ResourceState
 from plugin_runtime import commands
 from plugin_runtime.errors import Unavailable
+from tests.loop_devices import LoopDevices, sparse_file
 
 WAIT = 15.0
 
@@ -36,28 +37,6 @@ def private_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-class LoopDevices:
-    """Loop devices this test attached; detached at the end whatever happened."""
-
-    def __init__(self) -> None:
-        self.attached: list[str] = []
-
-    def attach(self, backing: Path) -> str:
-        dev = commands.run(["losetup", "--find", "--show", str(backing)], timeout=30).stdout
-        dev = dev.strip()
-        self.attached.append(dev)
-        return dev
-
-    def detach(self, dev: str) -> None:
-        commands.run(["losetup", "--detach", dev], timeout=30)
-        self.attached.remove(dev)
-
-    def cleanup(self) -> None:
-        for dev in list(self.attached):
-            commands.run(["losetup", "--detach", dev], timeout=30, check=False)
-            self.attached.remove(dev)
 
 
 @pytest.fixture
@@ -81,13 +60,6 @@ resources:
           loop/backing_file: "{directory}/*"
     permissions: rwm
 {extra}""")
-
-
-def sparse_file(directory: Path, name: str = "disk.img") -> Path:
-    path = directory / name
-    with open(path, "wb") as f:
-        f.truncate(16 * 1024 * 1024)
-    return path
 
 
 def wait_until(resource: ResourceState, predicate, what: str) -> ResourceSnapshot:
