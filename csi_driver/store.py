@@ -11,6 +11,11 @@ same directory, is fsynced, renamed over the record and the directory is
 fsynced, so a crash at any instant leaves either the old or the new record,
 never a torn one.  Temp files (``.<id>.json.tmp-*``) left by a crash are ignored
 and removed at load; an unreadable record is logged and skipped (never deleted).
+One exception to the fsyncs: a new volume whose backing carries its record,
+committed with the backing (``Pool.carries_record``: subvolumes), is held in
+memory while "creating" (``hold_volume``) and written "ready" without fsync;
+start-up reconcile writes it again from the backing if a power loss took it
+(or left it empty, the only unreadable record it may replace).
 
 Node state (a volume's staging and publications) lives apart, in
 ``<state-dir>/node/<id>.json``, written by rename but not fsynced: it describes
@@ -317,6 +322,23 @@ def _encode(data: dict[str, Any]) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(", ", ": ")).encode()
 
 
+def encode_volume(rec: VolumeRecord) -> bytes:
+    """The durable part of ``rec`` as the record file holds it (for a pool that keeps a
+    copy in the backing it makes: ``Pool.carries_record``)."""
+    return _encode(rec.to_json())
+
+
+def decode_volume(payload: bytes) -> VolumeRecord:
+    """``encode_volume``'s inverse; ValueError for anything that is not such a record."""
+    try:
+        data = json.loads(payload)
+        if not isinstance(data, dict) or not is_valid_id(str(data.get("id", "")), "vol"):
+            raise ValueError("not a volume record")
+        return VolumeRecord.from_json(data)
+    except (TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a volume record: {exc}") from exc
+
+
 class Store:
     """In-memory view of the records, written through to disk.
 
@@ -479,10 +501,25 @@ class Store:
 
     def put_volume(self, rec: VolumeRecord) -> None:
         """Persist all of ``rec``: the record durably, then its node state if it changed."""
-        self._write(self.volume_dir, rec.id, _encode(rec.to_json()), durable=True)
+        path = os.path.join(self.volume_dir, f"{rec.id}.json")
+        self._writable()
+        write_atomically(path, encode_volume(rec), durable=True)
+        with self._lock:
+            if path in self.unreadable:  # replaced by a good record
+                self.unreadable.remove(path)
         self._remember(rec)
 
-    def put_volume_after(self, rec: VolumeRecord, step: Callable[[], T]) -> T:
+    def hold_volume(self, rec: VolumeRecord) -> None:
+        """Keep ``rec`` in memory only, with no file: for the "creating" record of a volume
+        whose pool writes the record into the backing it makes, committed with it
+        (``Pool.carries_record``).  A crash then leaves either nothing or a backing that
+        says what it is, which the driver records again at start; ``put_volume`` or
+        ``remove_volume`` ends the hold."""
+        self._writable()
+        self._remember(rec)
+
+    def put_volume_after(self, rec: VolumeRecord, step: Callable[[], T], *,
+                         durable: bool = True) -> T:
         """``step()``, then ``put_volume(rec)``, but with the record's new file written and
         fsynced while ``step`` runs; it replaces the record only once ``step`` returned.
 
@@ -491,17 +528,21 @@ class Store:
         own durability wait (a btrfs commit: ~1 ms) instead of following it.  When
         ``step`` raises, the record stays as it was and the new file is removed.
         A crash at any point leaves the old record or the new one, as ``put_volume``.
+
+        ``durable=False`` (a volume whose backing carries its record, committed by
+        ``step``): no fsync at all; a power loss may then lose the file or leave it
+        empty, and the driver writes it again from the backing at start.
         """
         self._writable()
         path = os.path.join(self.volume_dir, f"{rec.id}.json")
-        written = _background_writer().submit(_write_temp, path, _encode(rec.to_json()), True)
+        written = _background_writer().submit(_write_temp, path, encode_volume(rec), durable)
         try:
             result = step()
         except BaseException:
             with contextlib.suppress(Exception):
                 os.unlink(written.result())
             raise
-        _rename_into_place(written.result(), path, True)
+        _rename_into_place(written.result(), path, durable)
         self._remember(rec)
         return result
 

@@ -417,3 +417,51 @@ def test_crash_in_put_volume_after_before_the_rename_keeps_the_old_record(tmp_pa
     assert proc.returncode == -9, proc.stderr
     again = Store(str(tmp_path)).volume(rec.id)
     assert again is not None and again.state == "creating"
+
+
+def test_a_held_record_is_served_from_memory_and_written_by_nothing(tmp_path, monkeypatch):
+    s = Store(str(tmp_path))
+    rec = record(state="creating")
+    s.hold_volume(rec)
+    assert s.volume(rec.id) == rec and s.volume_by_name(rec.name) == rec
+    assert os.listdir(s.volume_dir) == [] and os.listdir(s.node_dir) == []
+    synced: list[object] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(store_mod, "fsync_dir", lambda d: synced.append(d))
+    ready = s.volume(rec.id)
+    assert ready is not None
+    ready.state = "ready"
+    s.put_volume_after(ready, lambda: None, durable=False)
+    assert synced == [], "a record its backing carries must not pay for fsyncs"
+    assert json.loads(Path(s.volume_dir, f"{rec.id}.json").read_text())["state"] == "ready"
+    assert Store(str(tmp_path)).volume(rec.id) == ready
+
+
+def test_a_held_record_that_is_dropped_leaves_nothing(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record(state="creating")
+    s.hold_volume(rec)
+    s.remove_volume(rec.id)
+    assert s.volume(rec.id) is None and s.volume_by_name(rec.name) is None
+    assert os.listdir(s.volume_dir) == []
+
+
+def test_encoded_records_decode_to_the_same_record_and_garbage_is_refused():
+    rec = record(state="creating", parameters={"nocow": "true"})
+    assert store_mod.decode_volume(store_mod.encode_volume(rec)) == rec
+    for garbage in (b"", b"[]", b"{\"id\": \"../x\"}", b"\xff\xfe", b"{\"id\": \"vol-" +
+                    b"0" * 32 + b"\"}"):
+        with pytest.raises(ValueError):
+            store_mod.decode_volume(garbage)
+
+
+def test_a_good_record_replaces_an_unreadable_one_in_the_report(tmp_path):
+    s = Store(str(tmp_path))
+    rec = record()
+    s.put_volume(rec)
+    path = Path(s.volume_dir, f"{rec.id}.json")
+    path.write_bytes(b"")
+    s = Store(str(tmp_path))
+    assert s.unreadable == [str(path)] and s.volume(rec.id) is None
+    s.put_volume(rec)
+    assert s.unreadable == [] and s.volume(rec.id) == rec
