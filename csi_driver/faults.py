@@ -9,7 +9,10 @@ converges with nothing leaked.
 Crash points (operation.step):
 
 - store.before_rename: a record's temp file is written and fsynced, not renamed.
-- create.after_record: the "creating" record is durable, no image yet.
+- create.after_record: the "creating" record is durable (in memory only where the
+  new backing carries it: subvolumes), no image yet.
+- create.before_subvolume_named: (subvolume pools) the new subvolume holds its
+  limit and record under its temporary name, not renamed into place.
 - create.after_image: the image file exists (sized), not formatted.
 - clone.after_freeze: a clone's staged source filesystem is frozen, nothing
   copied yet (must be thawed on restart, as for snapshot.after_freeze).

@@ -14,12 +14,15 @@ volume is the pool's (``pools.base.Pool``):
   FAILED_PRECONDITION; snapshots survive it.
 - A CreateVolume travels: parameters -> ``placement`` (pool, fs type, thin) ->
   size and capacity check under the pool's ``alloc_lock`` -> a "creating"
-  record -> ``pool.allocate`` (empty, or a copy of a snapshot/volume) ->
+  record (durable, or in memory where the pool writes it into the backing it
+  makes: ``Pool.carries_record``) -> ``pool.allocate`` (empty, or a copy) ->
   ``pool.format_new`` for kinds with a filesystem per volume -> "ready".
   Where nothing comes between allocate and "ready" and the backing is where
   the id says (subvolumes, block image volumes, copies), the "ready" record is
   written and fsynced while the pool allocates and is renamed into place after
-  it (``_create_and_record``): the two durability waits overlap.
+  it (``_create_and_record``): the two durability waits overlap.  Where the
+  backing carries its record, the backing's commit is the only wait: the ready
+  record is written without fsync (``Pool.carries_record``).
 
 Volumes whose kind has a filesystem of their own get it at CreateVolume
 (``format_new``): NodeStage then only attaches and mounts, which keeps staging
@@ -307,7 +310,10 @@ class Provisioner:
                 nouuid=place.fs_type == "xfs" and bool(req.source_snapshot or req.source_volume),
                 created_at=time.time(),
             )
-            self.store.put_volume(rec)
+            if pool.carries_record(rec):
+                self.store.hold_volume(rec)  # durable with the backing, in one commit
+            else:
+                self.store.put_volume(rec)
         crash_point("create.after_record")
         return rec
 
@@ -392,7 +398,7 @@ class Provisioner:
             crash_point("create.after_copy" if source else "create.after_image")
 
         try:
-            self.store.put_volume_after(ready, allocate)
+            self.store.put_volume_after(ready, allocate, durable=not pool.carries_record(rec))
         except DomainError:
             self._abandon(rec)
             raise

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -209,6 +210,18 @@ class Pool(Protocol):
 
         Raises ResourceExhausted when there is no room.  Existing backing of the right
         size is kept (a retry after a crash)."""
+
+    def carries_record(self, rec: VolumeRecord) -> bool:
+        """True when ``allocate(rec)`` writes ``rec`` (``store.encode_volume``) into the
+        backing it makes, durable in the same step as the backing, and a backing under
+        the volume's name is always complete.  CreateVolume then keeps the "creating"
+        record in memory (``Store.hold_volume``) and writes the ready one without fsync:
+        a crash or power loss leaves no backing, or one that says what it is
+        (``carried_records``)."""
+
+    def carried_records(self, known: AbstractSet[str]) -> list[VolumeRecord]:
+        """After ``start``: the records that backings carry for volume ids ``known`` lacks
+        (a crash or power loss took the record file), ready to serve."""
 
     def release(self, rec: VolumeRecord) -> None:
         """Delete the backing; absent is fine.  Detaches stray loop devices first."""

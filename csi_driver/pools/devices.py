@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from csi_driver import filesystems, loop, mounts
@@ -118,6 +119,12 @@ class BlockDevicePool(abc.ABC):
 
     def check_parameters(self, parameters: dict[str, str]) -> None:
         return  # no parameters of their own
+
+    def carries_record(self, rec: VolumeRecord) -> bool:
+        return False  # an image or disk holds only the volume's data
+
+    def carried_records(self, known: AbstractSet[str]) -> list[VolumeRecord]:
+        return []
 
     def needs_node_expansion(self, rec: VolumeRecord) -> bool:
         # A mounted filesystem is grown by NodeExpandVolume; an unstaged one grows at

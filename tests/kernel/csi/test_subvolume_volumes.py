@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -280,6 +281,57 @@ def test_limit_stops_one_volume_others_keep_writing_and_expand_lets_it_through(
         for writer in writers:
             writer.stop()
     assert sv.usage(small.id).max_referenced == 48 * MiB
+
+
+def test_a_volume_whose_record_was_lost_is_recorded_again_from_its_subvolume(
+        sv: SubvolDriver, vols: Volumes):
+    """A new volume's subvolume carries its record, committed with it, so its record file
+    is written without fsync.  What a power loss can do to that file (take it, or leave
+    it empty) the driver undoes at start: the record is written again from the
+    subvolume, ready, with the limit in force if the volume was expanded since, and the
+    CO's retry gets the same volume.  A record damaged any other way is left alone."""
+    lost, emptied, grown, torn = (vols.create(32 * MiB) for _ in range(4))
+    vols.csi.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=grown.id, capacity_range=csi_pb2.CapacityRange(required_bytes=48 * MiB),
+        volume_capability=mount_cap()), timeout=60)
+    carried = json.loads(os.getxattr(sv.volume_path(lost.id), "trusted.hostkit.record"))
+    assert (carried["id"], carried["capacity_bytes"], carried["pool"]) == \
+        (lost.id, 32 * MiB, POOL)
+
+    def record(vol: Volume) -> Path:
+        return sv.driver.state_dir / "volumes" / f"{vol.id}.json"
+
+    names = {v.id: json.loads(record(v).read_text())["name"] for v in (lost, emptied, grown)}
+    full_torn = record(torn).read_bytes()
+    sv.driver.stop()
+    record(lost).unlink()
+    record(emptied).write_bytes(b"")
+    record(grown).unlink()
+    record(torn).write_bytes(full_torn[:40])
+    try:
+        csi = vols.csi = sv.csi()  # starts the driver; start-up reconcile writes the records
+        log = sv.driver.log_path.read_text(errors="replace")
+        log = log[log.rindex("--- start "):]
+        for vol in (lost, emptied, grown):
+            assert f"reconcile: record-restored in pool {POOL}: {vol.id}" in log, log[-3000:]
+            assert json.loads(record(vol).read_text())["state"] == "ready"
+        for vol, size in ((lost, 32 * MiB), (emptied, 32 * MiB), (grown, 48 * MiB)):
+            again = csi.create(names[vol.id], size=32 * MiB, limit=0, params=PARAMS)
+            assert (again.volume_id, again.capacity_bytes) == (vol.id, size)
+        vols.up(lost)
+        with open(lost.file("after"), "wb") as handle:
+            handle.write(b"x" * MiB)
+        assert record(torn).read_bytes() == full_torn[:40], "a damaged record was rewritten"
+        findings = sv.driver.pools_json()["findings"]
+        assert [f for f in findings if f["kind"] == "unreadable-record"
+                and f["path"] == str(record(torn))], findings
+        assert [f for f in findings if f["kind"] == "subvolume-without-record"
+                and f["path"] == sv.volume_path(torn.id)
+                and f"carries the record of volume {torn.id}" in f["detail"]], findings
+    finally:
+        sv.driver.stop()
+        record(torn).write_bytes(full_torn)  # so that the teardown can delete it
+        vols.csi = sv.csi()
 
 
 def test_stats_match_the_qgroup_accounting(sv: SubvolDriver, vols: Volumes):
