@@ -8,7 +8,8 @@ product manifests stay as they are):
   ``kubelet-root.yaml`` replaced by the fixture's root (the product's mechanism
   for every non-default root, ``components/kubelet-root``);
 * ``components/without-udevd``: these machines run no udevd (no /run/udev),
-  which is what that component is for;
+  which is what that component is for; and the product components the run
+  asks for (``components``: the tier's DaemonSet run adds ``subvolumes``);
 * ``hostNetwork: true`` again (that component turns it off): the tier's node has
   no routable pod network (bridge without gateway, no kube-proxy), so only
   host-network pods reach the API server and the kubelet's probes reach them;
@@ -31,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ WITHOUT_UDEVD = DAEMONSETS / "components" / "without-udevd"
 TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def _kustomization(directory: Path, kubelet_root: Path,
+def _kustomization(directory: Path, kubelet_root: Path, components: Sequence[Path],
                    patches: list[dict[str, Any]]) -> None:
     source = yaml.safe_load((DEFAULT_OVERLAY / "kustomization.yaml").read_text())
     local = yaml.safe_load((DEFAULT_OVERLAY / "kubelet-root.yaml").read_text())
@@ -59,7 +60,7 @@ def _kustomization(directory: Path, kubelet_root: Path,
     out = dict(source)
     out["resources"] = [moved(e) for e in source.get("resources", [])]
     out["components"] = [moved(e) for e in source.get("components", [])]
-    out["components"].append(os.path.relpath(WITHOUT_UDEVD, directory))
+    out["components"] += [os.path.relpath(c, directory) for c in (WITHOUT_UDEVD, *components)]
     if patches:
         out["patches"] = patches
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(out, sort_keys=False))
@@ -100,14 +101,16 @@ def _ops(daemonset: dict[str, Any], *, node_ip: str, ports: Mapping[int, int],
 
 def write(directory: Path, render: Callable[[Path], str], *, kubelet_root: Path,
           node_ip: str, api: tuple[str, int], paths: Mapping[str, Path],
-          free_port: Callable[[], int]) -> list[dict[str, Any]]:
+          free_port: Callable[[], int], components: Sequence[Path] = ()
+          ) -> list[dict[str, Any]]:
     """Write the overlay into ``directory`` and return its rendered objects.
 
     ``render`` is ``kubectl kustomize`` (directory -> YAML); ``paths`` maps host
-    paths of the manifests to the run's directories.
+    paths of the manifests to the run's directories; ``components`` are product
+    components (``daemonsets/components/*``) to use as well.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    _kustomization(directory, kubelet_root, [])
+    _kustomization(directory, kubelet_root, components, [])
     unpatched = load_all(render(directory))
     patches = []
     for ds in (d for d in unpatched if d["kind"] == "DaemonSet"):
@@ -117,5 +120,5 @@ def write(directory: Path, render: Callable[[Path], str], *, kubelet_root: Path,
         ops = _ops(ds, node_ip=node_ip, ports=ports, paths=paths, api=api)
         patches.append({"target": {"kind": "DaemonSet", "name": ds["metadata"]["name"]},
                         "patch": json.dumps(ops, indent=1)})
-    _kustomization(directory, kubelet_root, patches)
+    _kustomization(directory, kubelet_root, components, patches)
     return load_all(render(directory))

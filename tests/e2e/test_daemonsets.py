@@ -7,10 +7,12 @@ names the manifests use (``tests.e2e.daemonset_images``), all imported into the
 node's containerd.  ``daemonsets/overlays/default`` is applied with ``kubectl
 apply -k`` through an overlay of the run (``tests.e2e.node_overlay``: the
 kubelet root, no udevd, free ports, the API server address, the run's state
-and CDI directories), and the files of ``daemonsets/examples`` are applied
-unchanged into a namespace, as the examples' README says: a device in a pod, a
-PVC with data, a snapshot and its restore, a raw block claim, a generic ephemeral
-volume.
+and CDI directories) with ``components/subvolumes`` added (the node gets a
+btrfs at ``<state dir>/btrfs`` as the operator guide prepares one, on a loop
+device), and the files of ``daemonsets/examples`` are applied unchanged into a
+namespace, as the examples' README says: a device in a pod, a PVC with data, a
+snapshot and its restore, a raw block claim, a generic ephemeral volume, a
+subvolume claim that is then expanded.
 
 This is what the host-process scenarios cannot show: the containers' mount
 propagation (the driver's Bidirectional mounts must reach the kubelet and the
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -53,14 +57,30 @@ from tests.e2e.csi_objects import (
     VolumeSnapshotContent,
     delete_and_wait,
     events_about,
+    quantity_bytes,
 )
 from tests.e2e.images import BUSYBOX
 from tests.e2e.kube import wait_for, wait_log, wait_running
 from tests.e2e.processes import Daemon
+from tests.loop_devices import LoopDevices, sparse_file
 
 SYSTEM_NS = "hostkit-system"
 NS = "examples"
 EXAMPLES = DAEMONSETS / "examples"
+SUBVOLUMES = DAEMONSETS / "components" / "subvolumes"
+REPO = Path(__file__).resolve().parents[2]
+GiB = 1 << 30
+# What the node's btrfs says of one subvolume volume (run in the node's mount
+# namespace, where the pool filesystem is mounted): its limit and carried record.
+SUBVOLUME_FACTS = f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+from csi_driver import btrfs
+path, pool = sys.argv[1:3]
+usage = btrfs.qgroup_usage(pool, btrfs.subvolume_id(path))
+print(json.dumps({{"limit": usage.max_referenced,
+                  "record": json.loads(os.getxattr(path, "trusted.hostkit.record"))}}))
+"""
 DAEMONSETS_NAMES = ("hostkit-device-plugin", "hostkit-csi-node")
 ROLLOUT_TIMEOUT = 180.0
 EXAMPLE_TIMEOUT = 120.0
@@ -73,6 +93,21 @@ class Deployed:
     kubectl: Callable[..., str]
     state_dir: Path
     handles: set[str]
+    btrfs: Path  # the node's btrfs for the subvolume pool (mounted in the node only)
+    loops: LoopDevices
+
+    @property
+    def subvolume_pool(self) -> Path:
+        return self.btrfs / "hostkit"  # the path components/subvolumes/config.yaml names
+
+    def in_node(self, *argv: str) -> str:
+        return commands.run([*self.cluster.in_node(), *argv], timeout=60).stdout
+
+    def subvolume(self, handle: str) -> dict[str, Any]:
+        """The limit and the carried record of volume ``handle``'s subvolume."""
+        return dict(json.loads(self.in_node(
+            sys.executable, "-c", SUBVOLUME_FACTS,
+            str(self.subvolume_pool / "volumes" / handle), str(self.subvolume_pool))))
 
     @property
     def node_pid(self) -> int:
@@ -181,7 +216,7 @@ def deployed(cluster: Node, e2e_binaries: binaries.Binaries,
         kubelet_root=cluster.kubelet_root, node_ip=str(cluster.node_ip),
         api=("127.0.0.1", cluster.cp.api_port),
         paths={"/var/lib/hostkit-csi": state_dir, "/var/run/cdi": cluster.cdi_dir},
-        free_port=free_port)
+        free_port=free_port, components=[SUBVOLUMES])
 
     # Images: ours from the Dockerfile, the sidecars from the shared binaries.
     wanted = daemonset_images.images_of(docs)
@@ -211,8 +246,22 @@ def deployed(cluster: Node, e2e_binaries: binaries.Binaries,
         [e2e_binaries.sidecar("snapshot-controller"),
          f"--kubeconfig={cluster.cp.admin_kubeconfig}", "--enable-distributed-snapshotting",
          "--v=2"], cluster.run.logs))
+    # The subvolume pool's filesystem, prepared as the operator guide says: a btrfs
+    # mounted at <state dir>/btrfs before the DaemonSet starts.  4 GiB (sparse): the
+    # scheduler's capacity tracking bounds a thin volume by the real free space, which
+    # on a fresh 1 GiB btrfs is less than the example's 1Gi claim.
+    loops = LoopDevices()
+    btrfs_dir = state_dir / "btrfs"
+    btrfs_dir.mkdir()
+    try:
+        device = loops.attach(sparse_file(run_dir, "node-btrfs.img", size_mib=4096))
+        commands.run(["mkfs.btrfs", "-q", device], timeout=60)
+        commands.run([*cluster.in_node(), "mount", device, str(btrfs_dir)], timeout=30)
+    except BaseException:
+        _unmount_btrfs(cluster, btrfs_dir, loops)
+        raise
     state = Deployed(client=client, cluster=cluster, kubectl=kubectl, state_dir=state_dir,
-                     handles=set())
+                     handles=set(), btrfs=btrfs_dir, loops=loops)
     try:
         started = time.monotonic()
         kubectl("apply", "--server-side", "--force-conflicts", "-k", str(run_dir / "overlay"))
@@ -253,9 +302,16 @@ def _teardown(state: Deployed, controller: Supervised) -> None:
         for ds in DAEMONSETS_NAMES:
             with contextlib.suppress(ApiError):
                 client.delete(DaemonSet, ds, namespace=SYSTEM_NS)
-        for ds in DAEMONSETS_NAMES:
-            wait_for(lambda ds=ds: state.pods_of(ds), lambda pods: not pods,  # type: ignore[misc]
-                     f"the pods of {ds} gone", 90)
+        try:
+            for ds in DAEMONSETS_NAMES:
+                wait_for(lambda ds=ds: state.pods_of(ds),  # type: ignore[misc]
+                         lambda pods: not pods, f"the pods of {ds} gone", 90)
+            subvolumes = [f"{d}/{name}" for d in ("volumes", "snapshots")
+                          for name in state.in_node("ls", "-A", str(state.subvolume_pool / d)
+                                                    ).split()]
+        finally:
+            _unmount_btrfs(state.cluster, state.btrfs, state.loops)
+    assert not subvolumes, f"subvolumes left in the node's btrfs pool: {subvolumes}"
     leaks = _loops_of(state.handles)
     leaks += host.loops_backed_under(state.state_dir)
     leaks += [m for m in state.node_mounts(state.state_dir)
@@ -267,6 +323,11 @@ def _teardown(state: Deployed, controller: Supervised) -> None:
     assert not leaks, f"volumes of the DaemonSet run left behind: {leaks}"
     images = sorted(p.name for p in state.state_dir.rglob("*.img"))
     assert not images, f"volume or snapshot images left in the pool: {images}"
+
+
+def _unmount_btrfs(cluster: Node, mount_point: Path, loops: LoopDevices) -> None:
+    commands.run([*cluster.in_node(), "umount", str(mount_point)], timeout=30, check=False)
+    loops.cleanup()
 
 
 def _probe_urls(pod: Pod, node_ip: str) -> dict[str, str]:
@@ -439,6 +500,41 @@ def test_ephemeral_example(deployed: Deployed) -> None:
              bool, "the ephemeral claim deleted with its pod", 90)
     wait_for(lambda: gone(lambda: client.get(PersistentVolume, str(pv.metadata.name))),
              bool, "its volume deleted", 90)
+
+
+def test_subvolume_example(deployed: Deployed, figure: Callable[[str], None]) -> None:
+    """examples/subvol-pod.yaml with components/subvolumes: the claim is a subvolume of
+    the node's btrfs whose qgroup limit is its size and which carries its own record;
+    the writer (uid 1000, fsGroup 1000) writes into it; expanding the claim raises the
+    limit with no node step (the claim is resized by the controller side alone)."""
+    client = deployed.client
+    started = time.monotonic()
+    deployed.apply_example("subvol-pod.yaml")
+    wait_running(client, "subvol-writer", NS, timeout=EXAMPLE_TIMEOUT)
+    figure(f"subvolume example (subvol-pod.yaml) creation -> Running: "
+           f"{time.monotonic() - started:.2f} s")
+    wait_for(lambda: "".join(client.log("subvol-writer", namespace=NS)),
+             lambda t: t.strip() != "", "the writer's first line", 30)
+    pv = deployed.remember_volume("subvol-data")
+    assert pv.spec is not None and pv.spec.csi is not None
+    handle = str(pv.spec.csi.volumeHandle)
+    facts = deployed.subvolume(handle)
+    assert facts["limit"] == GiB, facts
+    assert (facts["record"]["id"], facts["record"]["pool"]) == (handle, "subvol"), facts
+
+    started = time.monotonic()
+    client.patch(PersistentVolumeClaim, "subvol-data", namespace=NS,
+                 obj={"spec": {"resources": {"requests": {"storage": "2Gi"}}}})
+
+    def claim() -> PersistentVolumeClaim:
+        return client.get(PersistentVolumeClaim, "subvol-data", namespace=NS)
+    grown = wait_for(claim, lambda c: c.status is not None and c.status.capacity is not None
+                     and quantity_bytes(str(c.status.capacity["storage"])) == 2 * GiB,
+                     "the claim at 2Gi", 90, interval=0.5)
+    figure(f"subvolume claim 1Gi -> 2Gi (no node step): {time.monotonic() - started:.2f} s")
+    assert deployed.subvolume(handle)["limit"] == 2 * GiB
+    pending = [c.type for c in (grown.status.conditions or []) if grown.status is not None]
+    assert "FileSystemResizePending" not in pending, pending
 
 
 def test_no_container_restarted(deployed: Deployed) -> None:
