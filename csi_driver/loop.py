@@ -22,7 +22,17 @@ Rules it keeps:
 - ``detach`` is never lazy: the kernel turns LOOP_CLR_FD on a device that is
   still open into "clear on last close", so a device that stays busy gets its
   autoclear flag taken back and the caller gets FailedPrecondition.  A device
-  that another attach takes over right after our unbind counts as detached.
+  that another attach takes over right after our unbind counts as detached;
+- ``attach(discard=False)`` turns discard off on the device (its queue's
+  ``discard_max_bytes`` = 0): the loop driver turns every discard into a hole
+  punched in the backing file, so a preallocated (thick) image would give its
+  space back to whoever runs fstrim on the filesystem inside it, a host's weekly
+  ``fstrim.timer`` included.  The kernel cannot turn discard on again on that
+  device (it also zeroes the discard granularity, after which any non-zero
+  ``discard_max_bytes`` is refused), and the setting outlives the unbind, so
+  ``detach`` removes such a device (LOOP_CTL_REMOVE): the next LOOP_CTL_GET_FREE
+  makes a fresh one.  Write-zeroes requests without "no unmap" still punch
+  holes; no sysfs setting stops those.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plugin_runtime.errors import (
+    DomainError,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -62,6 +73,7 @@ LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_SET_DIRECT_IO = 0x4C08
 LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_REMOVE = 0x4C81
 LOOP_CTL_GET_FREE = 0x4C82
 
 LO_FLAGS_READ_ONLY = 1
@@ -263,13 +275,16 @@ def attach(
     read_only: bool = False,
     block_size: int = 0,
     partscan: bool = False,
+    discard: bool = True,
 ) -> str:
     """Attach ``backing_file`` to a free loop device and return "/dev/loopN".
 
     ``block_size`` 0 lets the kernel choose the logical block size (keep it the
     same across attaches of one image: a filesystem made on 512-byte sectors
     must be re-attached the same way).  ``partscan`` makes the kernel read a
-    partition table (tests use it).  Raises NotFound when the file is missing.
+    partition table (tests use it).  ``discard=False``: the device refuses
+    discards, so nothing run on it punches holes in the file (``keep_allocation``).
+    Raises NotFound when the file is missing.
     """
     if block_size and (block_size & (block_size - 1) or not 512 <= block_size <= 4096):
         raise InvalidArgument(f"loop block size {block_size} is not 0 or a power of 2 in 512..4096")
@@ -297,7 +312,61 @@ def attach(
             os.close(control_fd)
     finally:
         os.close(file_fd)
+    if not discard:
+        keep_allocation(device)
+    elif _discard_turned_off(device):
+        log.warning("loop: %s came with discard turned off by an earlier user (the kernel "
+                    "cannot turn it on again); %s will not give space back on fstrim",
+                    device, path)
     return device
+
+
+def _queue_value(device: str, name: str) -> int | None:
+    try:
+        return int((SYS_BLOCK / os.path.basename(device) / "queue" / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def discards(device: str) -> bool:
+    """True when ``device`` accepts discards (which punch holes in its backing file)."""
+    return bool(_queue_value(device, "discard_max_bytes"))
+
+
+def _discard_turned_off(device: str) -> bool:
+    """Discard turned off by a user on a device that could discard (``keep_allocation``)."""
+    return _queue_value(device, "discard_max_bytes") == 0 \
+        and bool(_queue_value(device, "discard_max_hw_bytes"))
+
+
+def keep_allocation(device: str) -> None:
+    """Turn discard off on ``device`` so that nothing punches holes in its backing file
+    (idempotent; ``detach`` then removes the device, see the module docstring).  A
+    kernel that refuses is logged: the device works, but fstrim inside it frees space."""
+    if not discards(device):
+        return
+    try:
+        (SYS_BLOCK / os.path.basename(device) / "queue" / "discard_max_bytes").write_text("0")
+    except OSError as exc:
+        log.warning("loop: cannot turn discard off on %s (%s): fstrim inside it will punch "
+                    "holes in its backing file", device, exc)
+
+
+def _remove(number: int) -> None:
+    """LOOP_CTL_REMOVE of an unbound device; one another attach took meanwhile is left."""
+    try:
+        control_fd = _open_control()
+    except (OSError, DomainError) as exc:
+        log.warning("loop: cannot remove loop%d: %s", number, exc)
+        return
+    try:
+        fcntl.ioctl(control_fd, LOOP_CTL_REMOVE, number)
+        log.debug("removed loop%d (discard was off)", number)
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.ENODEV, errno.ENXIO):
+            log.warning("loop: cannot remove loop%d: %s", number, exc)
+    finally:
+        os.close(control_fd)
 
 
 def _free_number(control_fd: int) -> int:
@@ -429,6 +498,7 @@ def detach(device: str) -> None:
                 ) from None
             time.sleep(0.02)
             continue
+        retire = _discard_turned_off(device)
         try:
             try:
                 fcntl.ioctl(fd, LOOP_CLR_FD)
@@ -447,6 +517,8 @@ def detach(device: str) -> None:
             os.close(fd)
         if _wait_cleared(device, deadline):
             log.debug("detached %s", device)
+            if retire:
+                _remove(_number(device))
             return
         raise FailedPrecondition(
             f"loop device {device} is held open by another process; not detaching it lazily"

@@ -205,8 +205,17 @@ class ImagePool(BlockDevicePool):
         # 4 KiB logical blocks: every filesystem made here uses 4 KiB blocks/sectors, so
         # each block I/O is one aligned direct I/O on the image (measured: fewer
         # sub-page requests, better qd1 random reads than 512-byte sectors).  Always the
-        # same size, so an image attaches the same way after a reboot.
-        return loop.attach(path, direct_io=self.config.direct_io, block_size=ALIGNMENT)
+        # same size, so an image attaches the same way after a reboot.  A thick image
+        # refuses discards: each would punch a hole in it (fstrim inside the volume, a
+        # host's fstrim.timer), giving its preallocated space back to the pool.
+        return loop.attach(path, direct_io=self.config.direct_io, block_size=ALIGNMENT,
+                           discard=rec.thin)
+
+    def recover(self, rec: VolumeRecord) -> str | None:
+        device = super().recover(rec)
+        if device and not rec.thin:
+            loop.keep_allocation(device)  # attached by a driver that let discards through
+        return device
 
     def attached_device(self, rec: VolumeRecord) -> str | None:
         found = loop.devices_backed_by(self.image_path(rec.id), _hint(rec))

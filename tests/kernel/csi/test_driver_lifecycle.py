@@ -21,6 +21,7 @@ a process stuck on a frozen filesystem.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -34,6 +35,7 @@ from typing import Any
 import grpc
 import pytest
 
+from csi_driver import loop
 from csi_driver._proto import csi_pb2
 from plugin_runtime import commands
 from tests.grpc.csi.driver_harness import (
@@ -297,6 +299,84 @@ def test_thick_images_are_preallocated_and_thin_images_sparse(
 # The kernel starts zeroing an ext4 filesystem's inode tables (ext4lazyinit) at a random
 # moment up to EXT4_DEF_LI_MAX_START_DELAY = 5 s after the mount; watch a little longer.
 LAZYINIT_START_DELAY = 5.0
+
+
+def test_fstrim_in_a_thick_volume_is_refused_and_in_a_thin_one_frees_space(
+    csi: Csi, driver: DriverProcess, unique: Callable[[str], str]
+):
+    """The loop driver turns a discard into a hole punched in the image: fstrim inside a
+    thick volume (or a host's weekly fstrim.timer, which trims every mounted filesystem)
+    would give its preallocated space back to the pool.  A thick volume's device refuses
+    discards; a thin one's passes them, so deleted data goes back to the pool.  After
+    the unstage no loop device is left with discard turned off."""
+    size = 128 * MiB
+    kubelet = KubeletLayout(driver.kubelet_root)
+    staged: dict[str, tuple[str, str, Path, str]] = {}
+    made: list[str] = []
+    try:
+        for thin in ("true", "false"):
+            vol = csi.create(unique("pvc"), size=size, params={"thin": thin})
+            made.append(vol.volume_id)
+            staging = kubelet.staging_dir(vol.volume_id)
+            csi.stage(vol.volume_id, staging, cap_for("mount"))
+            (image,) = driver.state_dir.rglob(f"{vol.volume_id}.img")
+            (device,) = loop.devices_backed_by(str(image))
+            staged[thin] = (vol.volume_id, staging, image, device)
+            data = Path(staging, "data")
+            data.write_bytes(os.urandom(32 * MiB))
+            os.sync()
+            data.unlink()
+            os.sync()
+        thick_image = staged["false"][2]
+        refused = commands.run(["fstrim", staged["false"][1]], timeout=60, check=False)
+        assert refused.returncode != 0 and "not supported" in refused.stderr, refused.stderr
+        assert thick_image.stat().st_blocks * 512 >= size, "the thick image lost blocks"
+        thin_image = staged["true"][2]
+        before = thin_image.stat().st_blocks * 512
+        commands.run(["fstrim", staged["true"][1]], timeout=60)
+        assert thin_image.stat().st_blocks * 512 <= before - 24 * MiB, \
+            "fstrim gave nothing back from the thin volume"
+    finally:
+        for volume_id, staging, _image, _device in staged.values():
+            csi.unstage(volume_id, staging)
+        for volume_id in made:
+            csi.delete(volume_id)
+    for _volume_id, _staging, _image, device in staged.values():
+        queue = Path("/sys/block", os.path.basename(device), "queue", "discard_max_bytes")
+        assert not queue.exists() or queue.read_text().strip() != "0", \
+            f"{device} was left with discard off"
+
+
+def test_a_thick_volume_staged_by_an_older_driver_refuses_discards_after_a_restart(
+    csi: Csi, driver: DriverProcess, unique: Callable[[str], str]
+):
+    """A driver that let discards through left a thick volume staged on a device that
+    accepts them; start-up reconcile turns discard off on it, and the volume stays
+    mounted with its data."""
+    kubelet = KubeletLayout(driver.kubelet_root)
+    vol = csi.create(unique("pvc"), size=64 * MiB, params={"thin": "false"})
+    staging = kubelet.staging_dir(vol.volume_id)
+    csi.stage(vol.volume_id, staging, cap_for("mount"))
+    try:
+        Path(staging, "kept").write_text("data of the volume")
+        (image,) = driver.state_dir.rglob(f"{vol.volume_id}.img")
+        driver.stop()
+        # What the older driver left: the same image, mounted at the same path, through
+        # a device that passes discards.
+        commands.run(["umount", staging], timeout=30)
+        for device in loop.devices_backed_by(str(image)):
+            loop.detach(device)
+        device = loop.attach(str(image), block_size=4096)
+        commands.run(["mount", device, staging], timeout=30)
+        assert loop.discards(device)
+        driver.start()
+        assert not loop.discards(device), "reconcile left the thick volume's device discarding"
+        assert Path(staging, "kept").read_text() == "data of the volume"
+        assert loop.devices_backed_by(str(image)) == [device]
+    finally:
+        csi = driver.csi()
+        csi.unstage(vol.volume_id, staging)
+        csi.delete(vol.volume_id)
 
 
 def test_a_mounted_ext4_image_keeps_its_preallocation_and_thin_stays_thin(

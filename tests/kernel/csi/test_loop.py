@@ -224,3 +224,50 @@ def test_bad_inputs(scratch: Scratch):
         loop.detach("/dev/sda")
     with pytest.raises(InvalidArgument, match="block size 1000"):
         loop.attach(scratch.image("bs.img", MiB), block_size=1000)
+
+
+def _allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _blkdiscard(device: str) -> commands.CommandResult:
+    return commands.run(["blkdiscard", "--offset", "0", "--length", str(8 * MiB), device],
+                        timeout=30, check=False)
+
+
+def test_a_discard_punches_a_hole_in_the_backing_file_by_default(scratch: Scratch):
+    """What ``discard=False`` is for: through a plain loop device a discard frees the
+    backing file's blocks (a thick image would lose its preallocation)."""
+    image = scratch.image("plain.img", 16 * MiB)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 16 * MiB)
+    finally:
+        os.close(fd)
+    device = scratch.attach(image)
+    assert loop.discards(device)
+    assert _blkdiscard(device).returncode == 0
+    assert _allocated(image) <= 8 * MiB + 64 * 1024
+
+
+def test_without_discard_the_file_keeps_its_blocks_and_detach_retires_the_device(
+        scratch: Scratch):
+    image = scratch.image("thick.img", 16 * MiB)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 16 * MiB)
+    finally:
+        os.close(fd)
+    device = scratch.attach(image, discard=False)
+    assert not loop.discards(device)
+    refused = _blkdiscard(device)
+    assert refused.returncode != 0 and "not supported" in refused.stderr, refused.stderr
+    assert _allocated(image) >= 16 * MiB
+    loop.keep_allocation(device)  # idempotent
+    loop.detach(device)
+    # The kernel cannot turn discard on again on that device, so detach removed it:
+    # whoever gets its number next gets a fresh device that discards.
+    other = scratch.attach(scratch.image("next.img", 16 * MiB))
+    assert loop.discards(other)
+    assert not os.path.exists(f"/sys/block/{os.path.basename(device)}") \
+        or loop.discards(device), f"{device} was left with discard off"
