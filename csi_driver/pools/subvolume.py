@@ -26,7 +26,8 @@ that start removes (it was never handed out).  A crash after it, or a power
 loss that takes the unsynced record file (or leaves it empty), leaves a
 subvolume that says which volume it is: at start the driver writes its record
 again (``carried_records``), ready, with the limit in force as its capacity if
-that is larger (an expansion since), and the CO's retry gets that volume.
+that is larger (an expansion since; a limit that is gone is set again), and the
+CO's retry gets that volume.
 Every later change of the record (expansion, deletion) is fsynced as for any
 volume.  Only root with CAP_SYS_ADMIN reads or
 writes ``trusted.`` xattrs, so a pod cannot forge one; a snapshot keeps its
@@ -404,8 +405,15 @@ class SubvolumePool:
             # volume is ready; its size is what was promised, or more if it was expanded
             # since (the limit in force).
             path = self.volume_path(rec.id)
-            limit = btrfs.qgroup_usage(self.path, btrfs.subvolume_id(path)).max_referenced
-            rec.capacity_bytes = max(rec.capacity_bytes, limit or 0)
+            try:
+                subvolume = btrfs.subvolume_id(path)
+                limit = btrfs.qgroup_usage(self.path, subvolume).max_referenced
+                rec.capacity_bytes = max(rec.capacity_bytes, limit or 0)
+                if limit != rec.capacity_bytes:  # lost with quotas turned off, or a crash
+                    btrfs.set_limit(self.path, subvolume, rec.capacity_bytes)
+            except DomainError as exc:
+                log.warning("pool %s: cannot read or set the limit of %s: %s", self.name,
+                            path, exc)
             rec.state, rec.backing = READY, path
             rec.staging, rec.publications = None, {}
             found.append(rec)

@@ -287,6 +287,27 @@ def test_quotas_turned_off_are_abnormal_and_limits_come_back_at_start(
         subvol_driver.csi().delete(vid)
 
 
+def test_a_lost_record_comes_back_with_its_limit_after_quotas_were_turned_off(
+    subvol_driver: DriverProcess, scsi: Csi
+):
+    """The record of a volume is lost and its limit with it (quotas turned off while the
+    driver was down): at start the record comes back from the subvolume, and so does
+    the limit."""
+    pool = str(_pool_path(subvol_driver))
+    vid = scsi.create("pvc-kind-carried", size=8 * MiB).volume_id
+    try:
+        subvol_driver.stop()
+        (subvol_driver.state_dir / "volumes" / f"{vid}.json").unlink()
+        btrfs.disable_quotas(pool)
+        subvol_driver.start()
+        subvolume = btrfs.subvolume_id(os.path.join(pool, "volumes", vid))
+        assert btrfs.qgroup_usage(pool, subvolume).max_referenced == 8 * MiB
+        again = subvol_driver.csi().create("pvc-kind-carried", size=8 * MiB)
+        assert (again.volume_id, again.capacity_bytes) == (vid, 8 * MiB)
+    finally:
+        subvol_driver.csi().delete(vid)
+
+
 def test_a_path_that_is_not_btrfs_is_refused(tmp_path: Path):
     config = parse_config({"pools": [{"name": "nob", "type": "subvolume",
                                       "path": str(tmp_path / "pool")}]}, str(tmp_path))
