@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,41 @@ def test_thick_images_are_preallocated_and_thin_images_sparse(
 LAZYINIT_START_DELAY = 5.0
 
 
+@dataclass
+class StagedImage:
+    volume_id: str
+    staging: str
+    image: Path
+
+    @property
+    def allocated(self) -> int:
+        return self.image.stat().st_blocks * 512
+
+
+@contextlib.contextmanager
+def _thin_and_thick_staged(csi: Csi, driver: DriverProcess, unique: Callable[[str], str],
+                           size: int) -> Iterator[dict[bool, StagedImage]]:
+    """A thin and a thick volume of ``size`` (the pool's fs type), staged, keyed by thin;
+    unstaged and deleted after, even on failure."""
+    kubelet = KubeletLayout(driver.kubelet_root)
+    staged: dict[bool, StagedImage] = {}
+    made: list[str] = []
+    try:
+        for thin in (True, False):
+            vol = csi.create(unique("pvc"), size=size, params={"thin": str(thin).lower()})
+            made.append(vol.volume_id)
+            staging = kubelet.staging_dir(vol.volume_id)
+            csi.stage(vol.volume_id, staging, cap_for("mount"))
+            (image,) = driver.state_dir.rglob(f"{vol.volume_id}.img")
+            staged[thin] = StagedImage(vol.volume_id, staging, image)
+        yield staged
+    finally:
+        for done in staged.values():
+            csi.unstage(done.volume_id, done.staging)
+        for volume_id in made:
+            csi.delete(volume_id)
+
+
 def test_fstrim_in_a_thick_volume_is_refused_and_in_a_thin_one_frees_space(
     csi: Csi, driver: DriverProcess, unique: Callable[[str], str]
 ):
@@ -310,38 +346,24 @@ def test_fstrim_in_a_thick_volume_is_refused_and_in_a_thin_one_frees_space(
     discards; a thin one's passes them, so deleted data goes back to the pool.  After
     the unstage no loop device is left with discard turned off."""
     size = 128 * MiB
-    kubelet = KubeletLayout(driver.kubelet_root)
-    staged: dict[str, tuple[str, str, Path, str]] = {}
-    made: list[str] = []
-    try:
-        for thin in ("true", "false"):
-            vol = csi.create(unique("pvc"), size=size, params={"thin": thin})
-            made.append(vol.volume_id)
-            staging = kubelet.staging_dir(vol.volume_id)
-            csi.stage(vol.volume_id, staging, cap_for("mount"))
-            (image,) = driver.state_dir.rglob(f"{vol.volume_id}.img")
-            (device,) = loop.devices_backed_by(str(image))
-            staged[thin] = (vol.volume_id, staging, image, device)
-            data = Path(staging, "data")
+    with _thin_and_thick_staged(csi, driver, unique, size) as staged:
+        devices = []
+        for vol in staged.values():
+            devices += loop.devices_backed_by(str(vol.image))
+            data = Path(vol.staging, "data")
             data.write_bytes(os.urandom(32 * MiB))
             os.sync()
             data.unlink()
             os.sync()
-        thick_image = staged["false"][2]
-        refused = commands.run(["fstrim", staged["false"][1]], timeout=60, check=False)
+        refused = commands.run(["fstrim", staged[False].staging], timeout=60, check=False)
         assert refused.returncode != 0 and "not supported" in refused.stderr, refused.stderr
-        assert thick_image.stat().st_blocks * 512 >= size, "the thick image lost blocks"
-        thin_image = staged["true"][2]
-        before = thin_image.stat().st_blocks * 512
-        commands.run(["fstrim", staged["true"][1]], timeout=60)
-        assert thin_image.stat().st_blocks * 512 <= before - 24 * MiB, \
+        assert staged[False].allocated >= size, "the thick image lost blocks"
+        before = staged[True].allocated
+        commands.run(["fstrim", staged[True].staging], timeout=60)
+        assert staged[True].allocated <= before - 24 * MiB, \
             "fstrim gave nothing back from the thin volume"
-    finally:
-        for volume_id, staging, _image, _device in staged.values():
-            csi.unstage(volume_id, staging)
-        for volume_id in made:
-            csi.delete(volume_id)
-    for _volume_id, _staging, _image, device in staged.values():
+    assert len(devices) == 2, devices
+    for device in devices:
         queue = Path("/sys/block", os.path.basename(device), "queue", "discard_max_bytes")
         assert not queue.exists() or queue.read_text().strip() != "0", \
             f"{device} was left with discard off"
@@ -387,32 +409,17 @@ def test_a_mounted_ext4_image_keeps_its_preallocation_and_thin_stays_thin(
     thick image (32 MiB of a 2 GiB one, measured) and the "never ENOSPC" promise breaks.
     """
     size = 256 * MiB  # two block groups: inode tables outside the first one
-    kubelet = KubeletLayout(driver.kubelet_root)
-    staged: dict[str, tuple[str, str, Path]] = {}
-    made: list[str] = []
-    try:
-        for thin in ("true", "false"):
-            vol = csi.create(unique("pvc"), size=size, params={"thin": thin})
-            made.append(vol.volume_id)
-            staging = kubelet.staging_dir(vol.volume_id)
-            csi.stage(vol.volume_id, staging, cap_for("mount"))
-            (image,) = driver.state_dir.rglob(f"{vol.volume_id}.img")
-            staged[thin] = (vol.volume_id, staging, image)
-        dumped = commands.run(["dumpe2fs", str(staged["false"][2])], timeout=30).stdout
+    with _thin_and_thick_staged(csi, driver, unique, size) as staged:
+        dumped = commands.run(["dumpe2fs", str(staged[False].image)], timeout=30).stdout
         groups = [line for line in dumped.splitlines() if re.match(r"Group [0-9]+:", line)]
         assert len(groups) >= 2 and all("ITABLE_ZEROED" in line for line in groups), (
             f"mkfs left inode tables for the kernel to zero (e2fsprogs >= 1.47 marks them): "
             f"{groups}")
-        thin_before = staged["true"][2].stat().st_blocks * 512
+        thin_before = staged[True].allocated
         deadline = time.monotonic() + LAZYINIT_START_DELAY + 1.0
         while time.monotonic() < deadline:
-            assert staged["false"][2].stat().st_blocks * 512 >= size, "thick image lost blocks"
+            assert staged[False].allocated >= size, "thick image lost blocks"
             time.sleep(0.1)
         # Thin: nothing but what mkfs and the mount itself wrote (a few MiB at most).
-        assert staged["true"][2].stat().st_blocks * 512 - thin_before < 4 * MiB
+        assert staged[True].allocated - thin_before < 4 * MiB
         assert thin_before < size // 8
-    finally:
-        for volume_id, staging, _image in staged.values():
-            csi.unstage(volume_id, staging)
-        for volume_id in made:
-            csi.delete(volume_id)

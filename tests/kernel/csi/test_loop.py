@@ -230,6 +230,17 @@ def _allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def _preallocated(scratch: Scratch, name: str) -> str:
+    """A 16 MiB image with every block allocated (as a thick volume's)."""
+    image = scratch.image(name, 16 * MiB)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 16 * MiB)
+    finally:
+        os.close(fd)
+    return image
+
+
 def _blkdiscard(device: str) -> commands.CommandResult:
     return commands.run(["blkdiscard", "--offset", "0", "--length", str(8 * MiB), device],
                         timeout=30, check=False)
@@ -238,12 +249,7 @@ def _blkdiscard(device: str) -> commands.CommandResult:
 def test_a_discard_punches_a_hole_in_the_backing_file_by_default(scratch: Scratch):
     """What ``discard=False`` is for: through a plain loop device a discard frees the
     backing file's blocks (a thick image would lose its preallocation)."""
-    image = scratch.image("plain.img", 16 * MiB)
-    fd = os.open(image, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, 16 * MiB)
-    finally:
-        os.close(fd)
+    image = _preallocated(scratch, "plain.img")
     device = scratch.attach(image)
     assert loop.discards(device)
     assert _blkdiscard(device).returncode == 0
@@ -252,12 +258,7 @@ def test_a_discard_punches_a_hole_in_the_backing_file_by_default(scratch: Scratc
 
 def test_without_discard_the_file_keeps_its_blocks_and_detach_retires_the_device(
         scratch: Scratch):
-    image = scratch.image("thick.img", 16 * MiB)
-    fd = os.open(image, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, 16 * MiB)
-    finally:
-        os.close(fd)
+    image = _preallocated(scratch, "thick.img")
     device = scratch.attach(image, discard=False)
     assert not loop.discards(device)
     refused = _blkdiscard(device)
