@@ -321,9 +321,13 @@ def attach(
     return device
 
 
+def _queue(device: str, name: str) -> Path:
+    return SYS_BLOCK / os.path.basename(device) / "queue" / name
+
+
 def _queue_value(device: str, name: str) -> int | None:
     try:
-        return int((SYS_BLOCK / os.path.basename(device) / "queue" / name).read_text())
+        return int(_queue(device, name).read_text())
     except (OSError, ValueError):
         return None
 
@@ -346,7 +350,7 @@ def keep_allocation(device: str) -> None:
     if not discards(device):
         return
     try:
-        (SYS_BLOCK / os.path.basename(device) / "queue" / "discard_max_bytes").write_text("0")
+        _queue(device, "discard_max_bytes").write_text("0")
     except OSError as exc:
         log.warning("loop: cannot turn discard off on %s (%s): fstrim inside it will punch "
                     "holes in its backing file", device, exc)

@@ -27,9 +27,8 @@ loss that takes the unsynced record file (or leaves it empty), leaves a
 subvolume that says which volume it is: at start the driver writes its record
 again (``carried_records``), ready, with the limit in force as its capacity if
 that is larger (an expansion since; a limit that is gone is set again), and the
-CO's retry gets that volume.
-Every later change of the record (expansion, deletion) is fsynced as for any
-volume.  Only root with CAP_SYS_ADMIN reads or
+CO's retry gets that volume.  Every later change of the record (expansion,
+deletion) is fsynced as for any volume.  Only root with CAP_SYS_ADMIN reads or
 writes ``trusted.`` xattrs, so a pod cannot forge one; a snapshot keeps its
 source's xattr, whose id then differs from the copy's own and is ignored.
 Copies (restores, clones) keep the durable "creating" record: a snapshot ioctl
@@ -352,8 +351,16 @@ class SubvolumePool:
 
     # ------------------------------------------------------------ backing
     def carries_record(self, rec: VolumeRecord) -> bool:
-        return not rec.source_snapshot and not rec.source_volume \
-            and len(encode_volume(rec)) <= MAX_CARRIED_BYTES
+        return self._carried_bytes(rec) is not None
+
+    @staticmethod
+    def _carried_bytes(rec: VolumeRecord) -> bytes | None:
+        """The record as the new subvolume carries it; None for copies and records too
+        large for an xattr."""
+        if rec.source_snapshot or rec.source_volume:
+            return None
+        payload = encode_volume(rec)
+        return payload if len(payload) <= MAX_CARRIED_BYTES else None
 
     def allocate(self, rec: VolumeRecord, source: str | None = None) -> str:
         path = self.volume_path(rec.id)
@@ -378,8 +385,9 @@ class SubvolumePool:
             btrfs.delete_subvolume(unfinished, check_mounts=False)  # an earlier attempt's
         btrfs.create_subvolume(self.volume_dir, name, limit=rec.capacity_bytes)
         try:
-            if self.carries_record(rec):
-                os.setxattr(unfinished, RECORD_XATTR, encode_volume(rec))
+            payload = self._carried_bytes(rec)
+            if payload is not None:
+                os.setxattr(unfinished, RECORD_XATTR, payload)
             if rec.parameters.get(PARAM_NOCOW, "").lower() == "true":
                 btrfs.set_nocow(unfinished)  # empty: everything made in it inherits no-CoW
             crash_point("create.before_subvolume_named")
